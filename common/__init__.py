@@ -1,0 +1,1 @@
+"""fedenc: code shared by the server, the sites and the simulation drivers."""

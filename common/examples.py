@@ -1,0 +1,69 @@
+"""Turning users' histories into model tensors: one row per USER (the DP unit).
+
+A training row holds the user's history text (tokenised once), the history item ids
+for the behaviour feature, and up to ``targets_per_user`` next items to predict — the
+most recent training items, which the history therefore stops before. Evaluation rows
+use the whole history before the held-out item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from .data import Catalogue, Split
+from .text import history_text
+
+
+@dataclass(frozen=True)
+class EvalRows:
+    """Rows for full-ranking evaluation, plus the items to exclude from each user's ranking."""
+
+    dataset: TensorDataset  # (input_ids, mask, history, targets)
+    exclude: list[np.ndarray]
+
+
+def _rows(catalogue: Catalogue, histories, targets, tokenizer, max_tokens: int, max_history: int, num_targets: int):
+    texts = [history_text(catalogue, h, max_items=max_history) for h in histories]
+    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="pt")
+    hist = torch.full((len(histories), max_history), -1, dtype=torch.long)  # (U, M), most recent first
+    tgt = torch.full((len(histories), num_targets), -1, dtype=torch.long)  # (U, P)
+    for i, (h, t) in enumerate(zip(histories, targets)):
+        recent = np.array(h[::-1][:max_history], dtype=np.int64, order="C", copy=True)
+        hist[i, : len(recent)] = torch.from_numpy(recent)
+        tgt[i, : len(t)] = torch.as_tensor(np.asarray(t, dtype=np.int64))
+    return TensorDataset(tok["input_ids"], tok["attention_mask"], hist, tgt)
+
+
+def training_rows(
+    catalogue: Catalogue, split: Split, users, tokenizer, max_tokens: int, max_history: int, targets_per_user: int
+) -> TensorDataset:
+    """One row per user: history = train[:c], targets = train[c:], c = max(1, n - P).
+
+    >>> ds = training_rows(cat, split, [0, 1], tok, 64, 20, 8)  # doctest: +SKIP
+    >>> ids, mask, history, targets = ds[0]                      # doctest: +SKIP
+    """
+    histories, targets = [], []
+    for u in users:
+        seq = split.train[u]
+        cut = max(1, len(seq) - targets_per_user)
+        histories.append(seq[:cut])
+        targets.append(seq[cut:])
+    return _rows(catalogue, histories, targets, tokenizer, max_tokens, max_history, targets_per_user)
+
+
+def evaluation_rows(catalogue: Catalogue, split: Split, users, tokenizer, max_tokens: int, max_history: int, which: str) -> EvalRows:
+    """Rows for ``which`` in {"valid", "test"}: the history is everything before the held-out item."""
+    if which == "valid":
+        histories = [split.train[u] for u in users]
+        targets = [[int(split.valid[u])] for u in users]
+    elif which == "test":
+        histories = [np.append(split.train[u], split.valid[u]) for u in users]
+        targets = [[int(split.test[u])] for u in users]
+    else:
+        raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
+    ds = _rows(catalogue, histories, targets, tokenizer, max_tokens, max_history, 1)
+    return EvalRows(ds, [np.asarray(h, dtype=np.int64) for h in histories])

@@ -1,0 +1,227 @@
+"""Local training (with or without user-level DP) and full-ranking evaluation.
+
+One function, :func:`train_local`, serves the Flower client, the centralised and
+local baselines and the benchmark: (model, adapter state, the site's user rows,
+settings) -> (new adapter state, metrics).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .adapter import load_trainable_state, trainable_state
+from .examples import EvalRows
+from .privacy import BudgetExhausted, PrivacyError, PrivacyLedger, PrivacySettings, calibrate_noise
+
+KEYS = ("text", "mask", "history", "targets")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    local_steps: int = 10  # DP steps per round: few steps, each over a large expected batch
+    learning_rate: float = 0.02  # Adam; the head parameters are few and well conditioned
+    targets_per_user: int = 8  # next items per user in one example: more signal, same privacy cost
+    device: str = "auto"  # cuda when present, else cpu
+    grad_sample_mode: str = "hooks"  # Opacus per-sample gradients: hooks | functorch | ew
+    seed: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def as_batch(tensors, device) -> dict[str, torch.Tensor]:
+    return {k: t.to(device) for k, t in zip(KEYS, tensors)}
+
+
+def with_lower_states(model, rows: TensorDataset) -> TensorDataset:
+    """The same rows with token ids replaced by their cached frozen lower-layer states."""
+    text, mask, *rest = rows.tensors
+    return TensorDataset(model.lower_states(text, mask), mask, *rest)
+
+
+def _empty_batch(dataset: TensorDataset, device) -> dict[str, torch.Tensor]:
+    """One padding row with no targets: zero loss, zero gradient.
+
+    Poisson sampling can draw no user at all; the step must still happen (the
+    accountant counts it and the noise is still added), so it runs on a row whose
+    per-user gradient is exactly zero.
+    """
+    text, mask, history, targets = (t[:1].clone() for t in dataset.tensors)
+    mask.zero_()
+    mask[:, 0] = 1
+    history.fill_(-1)
+    targets.fill_(-1)
+    return as_batch((text, mask, history, targets), device)
+
+
+def train_local(
+    model: torch.nn.Module,
+    state: dict[str, np.ndarray] | None,
+    rows: TensorDataset,
+    train: TrainSettings,
+    privacy: PrivacySettings,
+    ledger: PrivacyLedger | None = None,
+    planned_steps: int | None = None,
+    progress=None,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Train the model's trainable parameters on ``rows`` (one row per user).
+
+    Under DP (finite ``privacy.epsilon``) the noise multiplier is calibrated once from the
+    planned schedule and kept in the ledger; the round is refused (:class:`BudgetExhausted`)
+    if it would push the ledger past its budget.
+
+    >>> new_state, metrics = train_local(model, state, rows, TrainSettings(), PrivacySettings(epsilon=8))  # doctest: +SKIP
+    >>> metrics["epsilon"] <= 8
+    True
+    """
+    device = resolve_device(train.device)
+    model.to(device)
+    if state is not None:
+        load_trainable_state(model, state)
+    # from_pretrained-style models come back in eval mode and Opacus checks only the
+    # root's flag: without this, dropout would silently stay off.
+    model.train()
+    n_users = len(rows)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PrivacyError("nothing to train: every train-* setting is off")
+    optimizer = torch.optim.Adam(params, lr=train.learning_rate)
+    generator = torch.Generator().manual_seed(train.seed)
+    steps = train.local_steps
+    metrics: dict = {"num-examples": n_users, "steps": steps}
+
+    if privacy.private:
+        if n_users < privacy.expected_batch:
+            raise PrivacyError(
+                f"the site has {n_users} users, fewer than one expected batch ({privacy.expected_batch}); "
+                "lower expected-batch or join more users"
+            )
+        sample_rate = privacy.expected_batch / n_users
+        delta = ledger.delta if ledger else privacy.delta_for(n_users)
+        ledger = ledger or PrivacyLedger("memory", privacy.epsilon, delta, privacy.accountant)
+        if ledger.noise_multiplier is None:
+            ledger.noise_multiplier = calibrate_noise(
+                ledger.budget, ledger.delta, sample_rate, planned_steps or steps, ledger.history, ledger.accountant
+            )
+        sigma = ledger.noise_multiplier
+        ledger.check(sigma, sample_rate, steps)  # raises BudgetExhausted before touching data
+        module, optimizer, loader, engine = _make_private(model, optimizer, rows, sigma, privacy, train, generator)
+    else:
+        module, engine = model, None
+        loader = DataLoader(rows, batch_size=min(privacy.expected_batch, n_users), shuffle=True, generator=generator)
+
+    losses = []
+    start = time.perf_counter()
+    batches = _cycle(loader)
+    for step in range(steps):
+        tensors = next(batches)
+        if len(tensors[0]) == 0:
+            batch = _empty_batch(rows, device)
+            loss = module(**batch).sum() * 0.0
+        else:
+            batch = as_batch(tensors, device)
+            loss = module(**batch).mean()
+            losses.append(loss.item())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress:
+            progress(step + 1, steps, losses[-1] if losses else math.nan)
+    metrics["seconds"] = time.perf_counter() - start
+    metrics["train_loss"] = float(np.mean(losses)) if losses else math.nan
+
+    if engine is not None:
+        ledger.record(engine.accountant.history)
+        metrics |= {
+            "epsilon": ledger.epsilon(),
+            "delta": ledger.delta,
+            "noise_multiplier": sigma,
+            "sample_rate": sample_rate,
+        }
+        module._close()  # removes Opacus' hooks so the model can be wrapped again next round
+    else:
+        metrics |= {"epsilon": 0.0, "delta": 0.0, "noise_multiplier": 0.0, "sample_rate": 0.0}
+    return trainable_state(model), metrics
+
+
+def _make_private(model, optimizer, rows, sigma, privacy: PrivacySettings, train: TrainSettings, generator):
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant=privacy.accountant)
+    loader = DataLoader(rows, batch_size=privacy.expected_batch, generator=generator)
+    module, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=privacy.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=train.grad_sample_mode,
+    )
+    return module, optimizer, loader, engine
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def rank_of_targets(model, rows: EvalRows, device, batch_size: int = 256) -> tuple[np.ndarray, float]:
+    """0-based rank of each user's held-out item among all items not in their history,
+    and the mean cross-entropy of that item (validation loss)."""
+    model.eval()
+    ranks, losses = [], []
+    loader = DataLoader(rows.dataset, batch_size=batch_size)
+    offset = 0
+    for tensors in loader:
+        batch = as_batch(tensors, device)
+        scores = model.score_all(batch)  # (B, N)
+        losses.append(torch.nn.functional.cross_entropy(scores, batch["targets"][:, 0], reduction="sum").item())
+        target = batch["targets"][:, 0]
+        target_score = scores.gather(1, target[:, None])  # (B, 1)
+        for i in range(scores.shape[0]):  # history items are excluded from the ranking
+            seen = torch.as_tensor(rows.exclude[offset + i], device=device)
+            scores[i, seen[seen != target[i]]] = -math.inf
+        ranks.append((scores > target_score).sum(1).cpu().numpy())
+        offset += scores.shape[0]
+    model.train()
+    n = max(offset, 1)
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64), sum(losses) / n
+
+
+def ranking_metrics(ranks: np.ndarray, ks=(10, 20)) -> dict[str, float]:
+    """HR@k, NDCG@k = 1/log2(rank+2), MRR@k = 1/(rank+1), ranks counted from 0.
+
+    >>> ranking_metrics(np.array([0, 1, 30]), ks=(10,))["hr@10"]
+    0.6666666666666666
+    """
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"hr@{k}"] = float(hit.mean()) if len(ranks) else 0.0
+        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2), 0.0).mean()) if len(ranks) else 0.0
+        out[f"mrr@{k}"] = float(np.where(hit, 1.0 / (ranks + 1), 0.0).mean()) if len(ranks) else 0.0
+    return out
+
+
+def evaluate(model, rows: EvalRows, device="cpu", ks=(10, 20)) -> dict[str, float]:
+    """Full-ranking metrics over ``rows`` plus ``loss`` and ``users``."""
+    ranks, loss = rank_of_targets(model, rows, torch.device(device) if isinstance(device, str) else device)
+    return ranking_metrics(ranks, ks) | {"loss": loss, "users": int(len(ranks))}
+
+
+__all__ = ["TrainSettings", "train_local", "evaluate", "ranking_metrics", "BudgetExhausted", "resolve_device"]
