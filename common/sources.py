@@ -47,9 +47,41 @@ class RawData:
     items_source: str
 
 
+def builtin_data_dir(name: str):
+    """Folder of a shipped dataset.
+
+    Flower app bundles carry only source and text files, so when the apps run from a
+    bundle the data is found through the installed ``fedenc`` distribution instead
+    (a wheel install, or the source tree of an editable one).
+    """
+    here = resources.files("common").joinpath("datasets", name)
+    if here.joinpath("ratings.dat.gz").is_file():
+        return here
+    import json
+    from importlib import metadata
+    from pathlib import Path
+
+    try:
+        dist = metadata.distribution("fedenc")
+    except metadata.PackageNotFoundError:
+        dist = None
+    candidates = []
+    if dist is not None:
+        candidates.append(Path(str(dist.locate_file(f"common/datasets/{name}"))))
+        direct_url = dist.read_text("direct_url.json")
+        if direct_url:
+            url = json.loads(direct_url).get("url", "")
+            if url.startswith("file://"):
+                candidates.append(Path(url[len("file://") :]) / "common" / "datasets" / name)
+    for candidate in candidates:
+        if (candidate / "ratings.dat.gz").is_file():
+            return candidate
+    raise DataError(f"the built-in dataset {name!r} is not installed; run `pip install -e .` in the fedenc folder")
+
+
 def read_movietweetings() -> RawData:
     """The shipped MovieTweetings 100K snapshot (ratings.dat.gz, movies.dat.gz)."""
-    root = resources.files("common").joinpath("datasets", "movietweetings")
+    root = builtin_data_dir("movietweetings")
     ratings = root.joinpath("ratings.dat.gz")
     movies = root.joinpath("movies.dat.gz")
     interactions = _read_double_colon(

@@ -63,3 +63,80 @@ def ml100k_dir() -> Path:
     if not (path / "u.data").is_file():
         pytest.skip(f"MovieLens 100K not found at {path} (set FEDENC_SHARED_DATA)")
     return path
+
+
+# --- tiny encoders and model fixtures (tests/test_model.py, tests/test_privacy.py) ------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fedenc_cache(tmp_path_factory) -> Path:
+    """Derived artefacts (item banks) go to a temporary folder, never to ~/.cache."""
+    path = tmp_path_factory.mktemp("fedenc-cache")
+    old = os.environ.get("FEDENC_CACHE")
+    os.environ["FEDENC_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FEDENC_CACHE", None)
+    else:
+        os.environ["FEDENC_CACHE"] = old
+
+
+def _save_tiny(config, directory: Path) -> str:
+    """Save a randomly initialised model from ``config`` with the MiniLM tokenizer beside it."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from common.encoder import resolve_model_path
+
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(resolve_model_path("default"), local_files_only=True).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """Local path of a random 2-layer BERT (hidden 32, 2 heads) with the MiniLM vocabulary.
+
+    Dropout is off so that separate forward passes of the same users agree exactly.
+    """
+    from transformers import BertConfig
+
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return _save_tiny(config, tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """Local path of a random 2-layer Llama (hidden 32), a decoder-only encoder (last-token pooling)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    return _save_tiny(config, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def movietweetings():
+    """The built-in MovieTweetings data and its leave-one-out split."""
+    from common.data import leave_one_out
+
+    data = load(DataSpec())
+    return data, leave_one_out(data)

@@ -1,0 +1,1 @@
+"""fedenc ClientApp: one partner site."""

@@ -1,0 +1,1 @@
+"""fedenc ServerApp: coordination, aggregation and central evaluation."""
