@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import numpy as np
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from common.data import DataError, leave_one_out, load, spec_for, summary
 
+console = Console()
 app = typer.Typer(help="Federated, differentially private recommendation with language-model encoders.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
@@ -99,6 +101,52 @@ def describe(
             row.append(", ".join(values[i]))
         sites_table.add_row(*row)
     console.print(sites_table)
+
+
+def run_config(config: Path | None, overrides: list[str]) -> dict:
+    """The run config a command was given: a TOML file, then ``--set`` pairs on top."""
+    from common.config import load_config_file, parse_overrides
+
+    return (load_config_file(config) if config else {}) | parse_overrides(overrides or [])
+
+
+def show_round(progress: dict) -> None:
+    console.print(
+        f"round {progress['round']:>3}  sites {progress['sites']:>3}  loss {progress['train_loss']:.4f}  "
+        f"ε {progress['epsilon']:.3f}  NDCG@10 {progress['ndcg@10']:.4f}  HR@10 {progress['hr@10']:.4f}  "
+        f"{progress['seconds']:.0f}s"
+    )
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Run-config TOML (e.g. configs/tiny.toml).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: key=value (repeatable).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
+
+
+@app.command()
+def simulate(
+    out: OutOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
+) -> None:
+    """Run a federated simulation in the foreground; results go to --out."""
+    from common.config import ConfigError
+    from simulations.simulate import SimulationFailed, simulate as run
+
+    try:
+        summary = run(run_config(config, set_), out, resume=resume, overwrite=overwrite, on_progress=show_round)
+    except ConfigError as err:
+        fail(str(err))
+    except SimulationFailed as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    best = summary["best_validation"]
+    console.print(
+        f"done in {summary['wall_seconds']:.0f}s: final NDCG@10 {summary['final']['ndcg@10']:.4f}, "
+        f"best round {summary['best_round']} (NDCG@10 {best['ndcg@10']:.4f}), ε {summary['epsilon']:.3f}; results in {out}"
+    )
 
 
 def main() -> None:

@@ -1,0 +1,230 @@
+"""``fedenc simulate``: one federated run through the real Flower path, in the foreground.
+
+Flower's ``flwr run .`` leaves a detached SuperLink behind, exits 0 when the run
+failed and installs dependencies at run time. This driver instead starts its own
+SuperLink (simulation runtime, loopback, a free port, runtime installs off), keeps
+Flower's home and Ray's temp folder inside the run, streams progress, stops the
+SuperLink it started by process group, and exits non-zero unless the ServerApp wrote
+its summary — the last thing a successful run does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import tomli_w
+
+from common.config import ConfigError, Settings
+
+PROJECT = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml lives here
+RESULT_FILES = ("metrics.jsonl", "summary.json", "adapter", "checkpoint", "ledgers", "flower.log", "run_config.toml")
+
+
+class SimulationFailed(RuntimeError):
+    """The run did not complete; the message says where to look."""
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: an output folder holding another run needs --resume or --overwrite."""
+    holds_run = (out / "metrics.jsonl").exists() or (out / "summary.json").exists()
+    if holds_run and not (resume or overwrite):
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if overwrite:
+        for name in RESULT_FILES:
+            path = out / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # its presence must mean *this* run completed
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def check_inputs(settings: Settings) -> None:
+    """Fail fast, before Flower starts, on data or partition problems (clear messages)."""
+    from common.data import DataError
+    from common.partition import partition_users
+    from common.site import dataset
+
+    try:
+        data, _ = dataset(settings.data)
+        partition_users(
+            data, settings.num_sites, settings["partition"], settings["partition-column"] or None,
+            settings["dirichlet-alpha"], settings["seed"],
+        )
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    from common.encoder import resolve_model_path
+
+    path = resolve_model_path(settings["model"])
+    if not Path(path).exists():
+        raise ConfigError(f"model: {settings['model']!r} is not a folder on this machine (nothing is downloaded)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationFailed(f"flower-superlink exited with code {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise SimulationFailed(f"flower-superlink did not become healthy within {timeout:.0f}s; see {log}")
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """Stop a process we started and everything under it.
+
+    Flower's SuperExec and simulation runtime start their own sessions, so a process
+    group is not enough: the tree is collected while its root is still alive.
+    """
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    proc.wait()
+
+
+def flower_env(home: Path, ray_tmp: str) -> dict:
+    env = os.environ.copy()
+    env.update(
+        FLWR_HOME=str(home),
+        RAY_TMPDIR=ray_tmp,
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",  # a fresh env here would pull CUDA torch
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def simulate(
+    config: dict,
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_progress: Callable[[dict], None] | None = None,
+    timeout: float | None = None,
+) -> dict:
+    """Run one simulation with run-config ``config`` into ``out``; return its summary.
+
+    >>> summary = simulate({"num-sites": 2, "num-server-rounds": 2}, "runs/demo")  # doctest: +SKIP
+    >>> summary["final"]["ndcg@10"]                                                # doctest: +SKIP
+    """
+    out = Path(out).resolve()
+    config = dict(config)
+    config.setdefault("out-dir", str(out))
+    config.setdefault("ledger-dir", str(out / "ledgers"))
+    settings = Settings.from_config(config)  # validate before touching anything
+    prepare_out_dir(out, resume, overwrite)
+    check_inputs(settings)
+
+    home = out / ".flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    gpus = 1 if settings["device"] != "cpu" and _cuda() else 0
+    (home / "config.toml").write_text(
+        tomli_w.dumps(
+            {
+                "superlink": {
+                    "default": "fedenc",
+                    "fedenc": {
+                        "address": f"127.0.0.1:{port}",
+                        "insecure": True,
+                        "options": {
+                            "num-supernodes": settings.num_sites,
+                            "backend": {"client-resources": {"num-cpus": 1, "num-gpus": 0.5 * gpus}},
+                        },
+                    },
+                }
+            }
+        )
+    )
+    run_config = out / "run_config.toml"
+    run_config.write_text(tomli_w.dumps(settings.as_dict()))
+    ray_tmp = tempfile.mkdtemp(prefix="fedenc-ray-")  # short: Ray's socket paths have a length limit
+    env = flower_env(home, ray_tmp)
+    log_path = out / "flower.log"
+    link_log = home / "superlink.log"
+    superlink = subprocess.Popen(
+        [
+            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--database", str(home / "state.db"), "--log-file", str(link_log),
+            "--disable-runtime-dependency-installation",
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_healthy(port, superlink, link_log)
+        with open(log_path, "w") as log:
+            run = subprocess.Popen(
+                ["flwr", "run", str(PROJECT), "fedenc", "--run-config", str(run_config), "--stream"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )
+            deadline = time.monotonic() + timeout if timeout else None
+            shown = set()  # Flower echoes each log line twice (console and file formats)
+            for line in run.stdout:
+                log.write(line)
+                if "fedenc {" in line and on_progress:
+                    progress = json.loads(line[line.index("fedenc {") + 7 :])["progress"]
+                    if progress["round"] not in shown:
+                        shown.add(progress["round"])
+                        on_progress(progress)
+                if deadline and time.monotonic() > deadline:
+                    stop_tree(run)
+                    raise SimulationFailed(f"the run took longer than {timeout:.0f}s; see {log_path}")
+            run.wait()
+    finally:
+        stop_tree(superlink)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        raise SimulationFailed(f"the run failed (flwr exit code {run.returncode}); see {log_path}: {_last_error(log_path)}")
+    return json.loads(summary_path.read_text())
+
+
+def _last_error(log_path: Path) -> str:
+    """The most telling line of a failed run's log."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    for needle in ("RoundFailed", "Error:", "Exception"):
+        hits = [ln.strip() for ln in lines if needle in ln]
+        if hits:
+            return hits[-1][:300]
+    return "no error line found"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: fedenc simulate")
