@@ -22,7 +22,7 @@ from .adapter import load_trainable_state, save_adapter, state_bytes, trainable_
 from .config import Settings
 from .examples import EvalRows, evaluation_rows
 from .site import dataset, shared_model
-from .training import evaluate, resolve_device, with_lower_states
+from .training import rank_of_targets, ranking_metrics, resolve_device, with_lower_states
 
 CHECKPOINT = "checkpoint"
 
@@ -64,10 +64,17 @@ class CentralEvaluator:
     def __call__(self, state: dict[str, np.ndarray]) -> dict[str, float]:
         """``valid/…`` and ``test/…`` metrics of ``state``; the unprefixed keys are test."""
         load_trainable_state(self.model, state)
+        return self.metrics({which: rank_of_targets(self.model, rows, self.device) for which, rows in self.rows.items()})
+
+    def metrics(self, ranked: dict[str, tuple[np.ndarray, float]]) -> dict[str, float]:
+        """``valid/…``, ``test/…`` and ``cold/…`` metrics from each split's (ranks, loss), ranks in
+        ``self.users`` order. ``cold/…``: test users whose test item is in no training history."""
         out = {}
-        for which, rows in self.rows.items():
-            for k, v in evaluate(self.model, rows, self.device).items():
+        for which, (ranks, loss) in ranked.items():
+            for k, v in (ranking_metrics(ranks) | {"loss": loss, "users": int(len(ranks))}).items():
                 out[f"{which}/{k}"] = v
+        cold = ranked["test"][0][self.cold]
+        out |= {f"cold/{k}": v for k, v in ranking_metrics(cold).items()} | {"cold/users": int(self.cold.sum())}
         return out
 
 
@@ -145,12 +152,14 @@ class RunRecorder:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # a crash leaves the previous checkpoint or the new one, never half
 
-    def finish(self, model, state: dict) -> dict:
-        """Write ``adapter/`` and, last, ``summary.json``."""
-        load_trainable_state(model, state)
+    def finish(self, model, state: dict, extra: dict | None = None) -> dict:
+        """Write ``adapter/`` (unless ``model`` is None: a baseline without a model) and, last,
+        ``summary.json`` (with ``extra`` keys added)."""
         adapter = self.out / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
-        save_adapter(model, adapter, self.settings.as_dict())
+        if model is not None:
+            load_trainable_state(model, state)
+            save_adapter(model, adapter, self.settings.as_dict())
         rounds = [h for h in self.history if h["round"] > 0] or self.history
         best = max(rounds, key=lambda h: h["valid/ndcg@10"])
         summary = {
@@ -162,11 +171,47 @@ class RunRecorder:
             "bytes_per_update": state_bytes(state),
             "wall_seconds": round(time.time() - self.started + self.elapsed_before, 3),
             "settings": self.settings.as_dict(),
-        }
+        } | (extra or {})
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1, default=str))
         tmp.replace(self.out / "summary.json")
         return summary
+
+
+# Parameters whose shape or meaning is tied to one catalogue: never transferred.
+CATALOGUE_SPECIFIC = ("scorer.bias",)
+
+
+def warm_start(settings: Settings) -> dict[str, np.ndarray]:
+    """Pre-train the transferable parameters (LoRA, fusion, scale) without DP on a PUBLIC
+    dataset, before the private rounds.
+
+    A text model has no item ids, so what it learns on one catalogue transfers to
+    another; the catalogue-specific item bias stays behind. The public set must not be
+    the run's own data: that would spend the sites' users without accounting.
+    """
+    from dataclasses import replace
+
+    from .config import ConfigError
+    from .data import DataSpec
+    from .examples import training_rows
+    from .model import Recommender
+    from .privacy import PrivacySettings
+    from .training import train_local
+
+    name = settings["warm-start"]
+    if name == settings["dataset"] and not settings["data-path"]:
+        raise ConfigError(f"warm-start: {name!r} is the run's own dataset; pick another public dataset")
+    data, split = dataset(DataSpec(dataset=name))
+    torch.manual_seed(settings["seed"])
+    model = Recommender.build(settings.model, list(data.catalogue.texts))
+    m = settings.model
+    rows = training_rows(data.catalogue, split, np.arange(len(data.user_ids)), model.tokenizer,
+                         m.max_tokens, m.max_history, settings.train.targets_per_user)
+    train = replace(settings.train, local_steps=settings["warm-start-steps"])
+    public = PrivacySettings(epsilon=math.inf, expected_batch=settings.privacy.expected_batch)
+    state, _ = train_local(model.to(resolve_device(train.device)), None, with_lower_states(model, rows), train, public)
+    return {k: v for k, v in state.items() if k not in CATALOGUE_SPECIFIC}
 
 
 def set_server_threads() -> None:

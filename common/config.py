@@ -80,6 +80,9 @@ KEYS: dict[str, Key] = {
     "max-grad-norm": Key(1.0, "per-user clipping bound", minimum=0),
     "accountant": Key("rdp", "rdp | prv", ("rdp", "prv")),
     "expected-batch": Key(64, "expected users per Poisson batch", minimum=1),
+    # -- public warm start (server side, before the private rounds)
+    "warm-start": Key("", "public dataset to pre-train on without DP ('' = none), e.g. movietweetings"),
+    "warm-start-steps": Key(200, "non-private steps of the warm start", minimum=1),
     # -- evaluation and output
     "eval-users": Key(0, "users in central evaluation (0 = all)", minimum=0),
     "out-dir": Key("", "where the server writes results (default: runs/latest)"),

@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.central import CentralEvaluator, RunRecorder, set_server_threads
+from common.central import CentralEvaluator, RunRecorder, set_server_threads, warm_start
 from common.config import Settings
 from common.transport import from_array_record, to_array_record
 from server.strategy import BudgetAwareFedAvg
@@ -25,7 +25,11 @@ def main(grid: Grid, context: Context) -> None:
     set_server_threads()
     recorder = RunRecorder.open(settings["out-dir"] or "runs/latest", settings)
     evaluator = CentralEvaluator(settings)
-    state = recorder.resume_state() or evaluator.initial_state()
+    state = recorder.resume_state()
+    if state is None:
+        state = evaluator.initial_state()
+        if settings["warm-start"]:
+            state.update(warm_start(settings))
     remaining = settings.rounds - recorder.start_round
     num_sites = settings.num_sites
     strategy = BudgetAwareFedAvg(
