@@ -174,7 +174,13 @@ class SplitEncoder(nn.Module):
         self.split = split
         self.last_token = last_token
         base = model.get_base_model() if isinstance(model, PeftModel) else model
-        self._parent, self._attr, self._layers = find_layers(base)
+        # Plain references, not submodules: registered, the same blocks (and their LoRA
+        # modules) would be reachable by three paths, and Opacus hooks every path, so each
+        # per-sample gradient was counted three times (and state_dict held duplicate keys).
+        parent, attr, layers = find_layers(base)
+        object.__setattr__(self, "_parent", parent)
+        object.__setattr__(self, "_attr", attr)
+        object.__setattr__(self, "_layers", layers)
 
     @torch.no_grad()
     def lower(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ def _rows(catalogue: Catalogue, histories, targets, tokenizer, max_tokens: int, 
     for i, (h, t) in enumerate(zip(histories, targets)):
         recent = np.array(h[::-1][:max_history], dtype=np.int64, order="C", copy=True)
         hist[i, : len(recent)] = torch.from_numpy(recent)
-        tgt[i, : len(t)] = torch.as_tensor(np.asarray(t, dtype=np.int64))
+        tgt[i, : len(t)] = torch.from_numpy(np.array(t, dtype=np.int64))  # a copy: split arrays are read-only
     return TensorDataset(tok["input_ids"], tok["attention_mask"], hist, tgt)
 
 

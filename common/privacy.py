@@ -62,7 +62,7 @@ def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> fl
     """ε of a composed history of DP-SGD steps.
 
     >>> round(epsilon_spent([(1.0, 0.01, 1000)], 1e-5), 2)
-    1.26
+    2.1
     """
     if not history:
         return 0.0

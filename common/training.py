@@ -81,7 +81,7 @@ def train_local(
     if it would push the ledger past its budget.
 
     >>> new_state, metrics = train_local(model, state, rows, TrainSettings(), PrivacySettings(epsilon=8))  # doctest: +SKIP
-    >>> metrics["epsilon"] <= 8
+    >>> metrics["epsilon"] <= 8  # doctest: +SKIP
     True
     """
     device = resolve_device(train.device)
@@ -96,7 +96,10 @@ def train_local(
     if not params:
         raise PrivacyError("nothing to train: every train-* setting is off")
     optimizer = torch.optim.Adam(params, lr=train.learning_rate)
-    generator = torch.Generator().manual_seed(train.seed)
+    # A fresh draw every round: one fixed seed made every round sample the SAME Poisson
+    # batches (same users, same order), which the subsampling accounting does not cover and
+    # which trains on the same few batches forever. The ledger counts the site's rounds.
+    generator = torch.Generator().manual_seed(train.seed * 1_000_003 + (ledger.rounds if ledger else 0))
     steps = train.local_steps
     metrics: dict = {"num-examples": n_users, "steps": steps}
 
@@ -150,6 +153,9 @@ def train_local(
         }
         module._close()  # removes Opacus' hooks so the model can be wrapped again next round
     else:
+        if ledger is not None:
+            ledger.rounds += 1  # no ε spent, but the next round must draw other batches
+            ledger.save()
         metrics |= {"epsilon": 0.0, "delta": 0.0, "noise_multiplier": 0.0, "sample_rate": 0.0}
     return trainable_state(model), metrics
 
