@@ -82,7 +82,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     accountant = ConfigRecord({"json": json.dumps(ledger.state())})
-    content = RecordDict({"arrays": to_array_record(new_state), "metrics": reply, "accountant": accountant})
+    content = RecordDict({"arrays": to_array_record(new_state, fp16=site.settings["transport-fp16"]), "metrics": reply, "accountant": accountant})
     return Message(content=content, reply_to=msg)
 
 

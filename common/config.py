@@ -73,6 +73,7 @@ KEYS: dict[str, Key] = {
     "learning-rate": Key(0.02, "Adam learning rate", minimum=0),
     "targets-per-user": Key(8, "next items per user per example", minimum=1),
     "device": Key("auto", "auto | cpu | cuda | cuda:N"),
+    "transport-fp16": Key(False, "send adapter updates as fp16 (half the bytes)"),
     "grad-sample-mode": Key("hooks", "Opacus per-sample gradients", ("hooks", "functorch", "ew")),
     # -- privacy
     "epsilon": Key(8.0, "per-site ε budget over the run; inf = no DP", minimum=0),

@@ -55,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=to_array_record(state),
+        initial_arrays=to_array_record(state, fp16=settings["transport-fp16"]),
         num_rounds=remaining,
         train_config=ConfigRecord({"num-rounds": settings.rounds}),
         evaluate_fn=central_evaluation,
