@@ -109,7 +109,8 @@ def train_local(
                 f"the site has {n_users} users, fewer than one expected batch ({privacy.expected_batch}); "
                 "lower expected-batch or join more users"
             )
-        sample_rate = privacy.expected_batch / n_users
+        # Opacus' Poisson loader samples at 1 / (batches per epoch); account with that rate.
+        sample_rate = 1.0 / math.ceil(n_users / privacy.expected_batch)
         delta = ledger.delta if ledger else privacy.delta_for(n_users)
         ledger = ledger or PrivacyLedger("memory", privacy.epsilon, delta, privacy.accountant)
         if ledger.noise_multiplier is None:

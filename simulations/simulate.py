@@ -213,6 +213,9 @@ def simulate(
 def _last_error(log_path: Path) -> str:
     """The most telling line of a failed run's log."""
     lines = log_path.read_text(errors="replace").splitlines()
+    client = [ln.split("Message:", 1)[1].strip().rstrip("'>") for ln in lines if "ClientAppException occurred. Message:" in ln]
+    if client and client[-1]:
+        return "a site failed: " + client[-1][:300]
     for needle in ("RoundFailed", "Error:", "Exception"):
         hits = [ln.strip() for ln in lines if needle in ln]
         if hits:

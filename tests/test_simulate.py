@@ -1,0 +1,225 @@
+"""End to end through the real Flower path: ``fedenc simulate`` as a user runs it.
+
+One tiny run (2 sites, 2 rounds, a random 2-layer BERT with the MiniLM vocabulary) is
+shared by the assertions on its outputs; a resumed copy of it, a run whose clients
+fail, and the bad-input exits run beside it. Each simulation takes one to two minutes
+on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.toml"
+TARGET_EPSILON = 8.0  # configs/tiny.toml
+ROUND_KEYS = ("round", "hr@10", "ndcg@10", "mrr@10", "epsilon", "train_loss", "bytes_up", "seconds")
+SITE_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant")
+TIMEOUT = 900
+
+
+def fedenc_script() -> str:
+    """The installed ``fedenc`` script: beside this interpreter, else on PATH."""
+    beside = Path(sys.executable).parent / "fedenc"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("fedenc")
+    if not found:
+        pytest.fail("the fedenc script is not installed (pip install -e .)")
+    return found
+
+
+def fedenc(*args: str, cache: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    env = os.environ.copy()
+    env.update(FEDENC_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # the venv's bin first, so the flower-superlink and flwr that simulate starts are this install's
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return subprocess.run(
+        [fedenc_script(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, exactly one ``error:`` line on stderr that contains every needle, no traceback."""
+    assert proc.returncode == 2, explain(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, explain(proc)
+    for needle in needles:
+        assert needle in errors[0], explain(proc)
+    assert "Traceback" not in proc.stderr + proc.stdout, explain(proc)
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def sim_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sim-cache")  # item banks shared by the runs of this module
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_bert, sim_cache, tmp_path_factory) -> Path:
+    """A completed 2-round simulation with the tiny model."""
+    out = tmp_path_factory.mktemp("sim") / "run"
+    proc = fedenc("simulate", "--config", str(TINY), "--set", f"model={tiny_bert}", "--out", str(out), cache=sim_cache)
+    assert proc.returncode == 0, explain(proc)
+    assert "round   2" in proc.stdout, explain(proc)  # progress is shown per round
+    return out
+
+
+# -- a successful run -----------------------------------------------------------------------
+
+
+def test_metrics_per_round(finished_run):
+    rows = read_metrics(finished_run)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        missing = [k for k in ROUND_KEYS if k not in row]
+        assert not missing, (row["round"], missing)
+        for k in ("hr@10", "ndcg@10", "mrr@10"):
+            assert 0.0 <= row[k] <= 1.0
+    assert rows[0]["epsilon"] == 0.0 and rows[0]["bytes_up"] == 0  # round 0: central evaluation only
+    for row in rows[1:]:
+        assert row["bytes_up"] > 0
+        assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0
+        assert row["sites"] == 2 and row["refused"] == 0
+    # ε composes over rounds and stays within the target
+    assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"] <= TARGET_EPSILON + 1e-9
+
+
+def test_summary(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    rows = read_metrics(finished_run)
+    assert summary["final"]["round"] == 2
+    assert summary["final"]["ndcg@10"] == rows[-1]["ndcg@10"]
+    assert summary["best_validation"]["round"] in (0, 1, 2)
+    assert summary["epsilon"] == pytest.approx(rows[-1]["epsilon"])
+    assert summary["wall_seconds"] > 0
+    sites = summary["sites"]
+    assert len(sites) == 2
+    for site in sites.values():
+        missing = [k for k in SITE_KEYS if k not in site]
+        assert not missing, missing
+        assert 0 < site["epsilon"] <= TARGET_EPSILON + 1e-9
+        assert 0 < site["delta"] < 1
+        assert site["noise_multiplier"] > 0 and 0 < site["sample_rate"] < 1 and site["steps"] > 0
+    assert max(site["epsilon"] for site in sites.values()) == pytest.approx(summary["epsilon"])
+
+
+def test_adapter_loads_with_peft(finished_run, tiny_bert):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    adapter = finished_run / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    assert any(adapter.glob("adapter_model.*"))
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_bert), str(adapter))
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora_b, "no LoRA weights in the saved adapter"
+    # B starts at zero: after two rounds of (noisy) training it must have moved
+    assert any(torch.count_nonzero(p) > 0 for p in lora_b.values())
+
+
+def test_ledgers_written(finished_run):
+    ledgers = sorted((finished_run / "ledgers").glob("*"))
+    assert len(ledgers) == 2, ledgers
+    for path in ledgers:
+        assert path.stat().st_size > 0
+
+
+# -- bad input: one clear line, exit 2 --------------------------------------------------------
+
+
+def test_refuses_an_out_dir_holding_a_run(finished_run, tiny_bert, sim_cache):
+    before = (finished_run / "metrics.jsonl").read_text()
+    proc = fedenc("simulate", "--config", str(TINY), "--set", f"model={tiny_bert}", "--out", str(finished_run), cache=sim_cache)
+    assert_clean_error(proc, "--resume", "--overwrite")
+    assert (finished_run / "summary.json").is_file()  # the finished run is left as it was
+    assert (finished_run / "metrics.jsonl").read_text() == before
+
+
+def test_unknown_key(tmp_path, sim_cache):
+    proc = fedenc("simulate", "--config", str(TINY), "--set", "nope=1", "--out", str(tmp_path / "out"), cache=sim_cache)
+    assert_clean_error(proc, "nope")
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_bad_value(tmp_path, sim_cache):
+    proc = fedenc("simulate", "--set", "epsilon=0", "--out", str(tmp_path / "out"), cache=sim_cache)
+    assert_clean_error(proc, "epsilon")
+
+
+def test_missing_data_path(tmp_path, sim_cache):
+    proc = fedenc(
+        "simulate", "--config", str(TINY), "--set", "dataset=movielens", "--set", "data-path=/does/not/exist",
+        "--out", str(tmp_path / "out"), cache=sim_cache,
+    )
+    assert_clean_error(proc, "/does/not/exist")
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+# -- resume and failure (each a further simulation) -------------------------------------------
+
+
+def test_resume_continues_without_repeating(finished_run, tiny_bert, sim_cache, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(finished_run, out, ignore=shutil.ignore_patterns(".flwr"))
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    ledgers_before = {p.name: p.read_text() for p in (out / "ledgers").glob("*")}
+    proc = fedenc(
+        "simulate", "--config", str(TINY), "--set", f"model={tiny_bert}", "--set", "num-server-rounds=3",
+        "--resume", "--out", str(out), cache=sim_cache,
+    )
+    assert proc.returncode == 0, explain(proc)
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]  # rounds 1-2 were not repeated
+    assert (out / "metrics.jsonl").read_text().splitlines()[:3] == before  # earlier lines kept as they were
+    third = rows[3]
+    assert third["epsilon"] <= TARGET_EPSILON + 1e-9
+    # The noise was calibrated for 2 rounds, so ε ≈ 7.99 after round 2 and a third round
+    # would cross the target: the sites' ledgers (restored from disk) must refuse it.
+    # If a site does train, ε must have kept composing from the ledger.
+    if third["refused"]:
+        assert third["sites"] == 0 or third["sites"] + third["refused"] == 2
+        assert third["epsilon"] == pytest.approx(rows[2]["epsilon"])
+        if third["sites"] == 0:
+            assert third["bytes_up"] == 0
+            # nothing was spent: the ledgers hold the same history
+            for name, text in ledgers_before.items():
+                assert json.loads((out / "ledgers" / name).read_text()) == json.loads(text)
+    else:
+        assert third["epsilon"] > rows[2]["epsilon"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["round"] == 3
+    assert summary["epsilon"] <= TARGET_EPSILON + 1e-9
+
+
+def test_failing_client_fails_the_run(tiny_bert, sim_cache, tmp_path):
+    """A site with fewer users than one expected batch raises inside the ClientApp."""
+    out = tmp_path / "failing"
+    proc = fedenc(
+        "simulate", "--config", str(TINY), "--set", f"model={tiny_bert}", "--set", "expected-batch=100000",
+        "--set", "num-server-rounds=1", "--set", "eval-users=20", "--out", str(out), cache=sim_cache,
+    )
+    assert proc.returncode != 0, explain(proc)
+    assert "error:" in proc.stderr, explain(proc)
+    assert not (out / "summary.json").exists()
+    log = (out / "flower.log").read_text(errors="replace")
+    # the failure came from the client's training, not from a check before Flower started
+    assert "fewer than one expected batch" in log, log[-3000:]
+    assert "RoundFailed" in log or "failed" in proc.stderr
