@@ -13,14 +13,16 @@ run, else ``context.state``) and refuses rounds past its budget, whatever the se
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.config import Settings
-from common.data import DataSpec
 from common.privacy import BudgetExhausted
 from common.site import Site
 from common.transport import from_array_record, to_array_record
@@ -35,12 +37,11 @@ def _open_site(context: Context) -> tuple[Site, int, float]:
     torch.set_num_threads(int(node.get("torch-threads", 1)))  # one thread per simulated site
     budget = float(node.get("epsilon-budget", settings.privacy.epsilon))  # the site's word wins
     if "data-path" in node:  # deployment: the site's own files
-        spec = DataSpec(
+        spec = replace(  # the run's text and filter settings, the site's own files
+            settings.data,
             dataset=str(node.get("dataset", "csv")),
             data_path=str(node["data-path"]),
             items_path=str(node["items-path"]) if "items-path" in node else None,
-            text_columns=settings.data.text_columns,
-            k_core=settings.data.k_core,
         )
         site_id = int(node.get("site-id", 0))
         ledger = node.get("ledger-path") or str(Path(str(node["data-path"])).parent / f"fedenc-ledger-{site_id}.json")
@@ -51,7 +52,16 @@ def _open_site(context: Context) -> tuple[Site, int, float]:
     return Site.open(settings, site_id, num_sites, None, ledger), site_id, budget
 
 
-@app.train()
+def central_dp_clipping(msg: Message, context: Context, call_next) -> Message:
+    """Clip this site's update before it leaves when the server runs central DP with
+    client-side clipping (``central-dp = "client-fixed"``: the server sends the norm)."""
+    config = msg.content.config_records.get("config")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[central_dp_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Train one round on this site's users under user-level DP."""
     site, site_id, budget = _open_site(context)
@@ -73,6 +83,7 @@ def train(msg: Message, context: Context) -> Message:
             "steps": int(metrics["steps"]),
             "seconds": float(metrics["seconds"]),
             "site": site_id,
+            "unit-weight": 1,  # central DP averages sites unweighted
             "refused": refused,
             "epsilon": float(ledger.epsilon()),
             "delta": float(ledger.delta),
@@ -91,5 +102,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on this site's own validation users."""
     site, site_id, _ = _open_site(context)
     metrics = site.evaluate(from_array_record(msg.content["arrays"]))
-    reply = MetricRecord({"num-examples": int(metrics["users"]), "site": site_id} | {k: float(metrics[k]) for k in ("hr@10", "ndcg@10", "mrr@10", "loss")})
+    reply = MetricRecord({"num-examples": int(metrics["users"]), "unit-weight": 1, "site": site_id} | {k: float(metrics[k]) for k in ("hr@10", "ndcg@10", "mrr@10", "loss")})
     return Message(content=RecordDict({"metrics": reply}), reply_to=msg)

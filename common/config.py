@@ -88,6 +88,11 @@ KEYS: dict[str, Key] = {
     "eval-users": Key(0, "users in central evaluation (0 = all)", minimum=0),
     "out-dir": Key("", "where the server writes results (default: runs/latest)"),
     "ledger-dir": Key("", "site privacy ledgers in simulation (default: OUT/ledgers)"),
+    # -- central DP (server/central_dp.py)
+    "central-dp": Key("none", "central site-level DP-FedAvg: none | server-fixed | client-fixed", ("none", "server-fixed", "client-fixed")),
+    "central-dp-noise": Key(1.0, "central DP noise multiplier (std = noise x clip / sampled sites)", minimum=0),
+    "central-dp-clip": Key(1.0, "central DP L2 clipping norm of a site's update", minimum=1e-12),
+    "central-dp-delta": Key(1e-5, "central DP delta at which its epsilon is reported", minimum=1e-12),
 }
 
 

@@ -66,4 +66,4 @@ def evaluation_rows(catalogue: Catalogue, split: Split, users, tokenizer, max_to
     else:
         raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
     ds = _rows(catalogue, histories, targets, tokenizer, max_tokens, max_history, 1)
-    return EvalRows(ds, [np.asarray(h, dtype=np.int64) for h in histories])
+    return EvalRows(ds, [np.array(h, dtype=np.int64) for h in histories])  # copies: split arrays are read-only

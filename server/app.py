@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.central import CentralEvaluator, RunRecorder, set_server_threads, warm_start
 from common.config import Settings
 from common.transport import from_array_record, to_array_record
+from server import central_dp
 from server.strategy import BudgetAwareFedAvg
 
 app = ServerApp()
@@ -44,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     def central_evaluation(server_round: int, arrays) -> MetricRecord:
         rnd = recorder.start_round + server_round
         current = from_array_record(arrays)
-        metrics = evaluator(current)
+        metrics = evaluator(current) | {"central_epsilon": central_dp.central_epsilon(settings, rnd)}
         if server_round == 0 and recorder.start_round > 0:
             return MetricRecord({k: float(v) for k, v in metrics.items()})
         recorder.record_sites(strategy.site_reports)
@@ -53,7 +54,8 @@ def main(grid: Grid, context: Context) -> None:
         log(logging.INFO, "fedenc %s", json.dumps({"progress": {k: line[k] for k in ("round", "ndcg@10", "hr@10", "epsilon", "train_loss", "sites", "seconds")}}))
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
-    result = strategy.start(
+    trainer = central_dp.wrap(strategy, settings)  # the strategy itself unless central-dp is set
+    result = trainer.start(
         grid=grid,
         initial_arrays=to_array_record(state, fp16=settings["transport-fp16"]),
         num_rounds=remaining,
