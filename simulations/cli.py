@@ -22,6 +22,10 @@ app = typer.Typer(help="Federated, differentially private recommendation with la
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+from simulations.deploy import app as deploy_app  # noqa: E402  (cheap: heavy imports are inside its commands)
+
+app.add_typer(deploy_app, name="deploy")
+
 
 class PartitionKind(str, Enum):
     iid = "iid"
@@ -146,6 +150,85 @@ def simulate(
     console.print(
         f"done in {summary['wall_seconds']:.0f}s: final NDCG@10 {summary['final']['ndcg@10']:.4f}, "
         f"best round {summary['best_round']} (NDCG@10 {best['ndcg@10']:.4f}), ε {summary['epsilon']:.3f}; results in {out}"
+    )
+
+
+@app.command()
+def baseline(
+    name: Annotated[str, typer.Argument(help="popularity | zeroshot | centralized | local")],
+    out: OutOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run a baseline on the same split and evaluation as simulate; results go to --out."""
+    from common.config import ConfigError
+    from simulations.baselines import run_baseline
+
+    try:
+        summary = run_baseline(name, run_config(config, set_), out)
+    except ConfigError as err:
+        fail(str(err))
+    best = summary["best_validation"]
+    console.print(
+        f"{name}: NDCG@10 {best['ndcg@10']:.4f}  HR@10 {best['hr@10']:.4f}  MRR@10 {best['mrr@10']:.4f} "
+        f"(test, best-validation round {summary['best_round']}); cold-start NDCG@10 {best['cold/ndcg@10']:.4f} "
+        f"over {best['cold/users']} users; ε {summary['epsilon']:.3f}; {summary['wall_seconds']:.0f}s; results in {out}"
+    )
+
+
+@app.command()
+def sweep(
+    out: OutOpt,
+    epsilons: Annotated[str, typer.Option(help="Comma-separated ε values; inf = no DP.")] = "1,2,4,8,inf",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per cell (the `seed` setting is offset by 0..N-1).")] = 1,
+    baselines: Annotated[str, typer.Option(help="Comma-separated baselines to run beside the federated cells ('' for none).")] = "popularity,zeroshot,centralized,local",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Federated runs at each ε plus baselines: sweep.csv and privacy_utility.png in --out (resumable)."""
+    from common.config import ConfigError
+    from simulations.simulate import SimulationFailed
+    from simulations.sweep import parse_epsilons, sweep as run
+
+    try:
+        eps = parse_epsilons(epsilons)
+        names = [b.strip() for b in baselines.split(",") if b.strip()]
+        run(run_config(config, set_), out, eps, seeds, names, log=console.print)
+    except ConfigError as err:
+        fail(str(err))
+    except SimulationFailed as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def bench(
+    out: OutOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    sites: Annotated[str, typer.Option(help="Site counts for the scale test, comma-separated.")] = "100,1000",
+) -> None:
+    """Measure DP vs non-DP steps, bytes sent, framework overhead, memory and scale; writes bench.json."""
+    from common.config import ConfigError, Settings
+    from simulations.bench import bench as run
+    from simulations.simulate import SimulationFailed
+
+    try:
+        cfg = run_config(config, set_)
+        Settings.from_config(cfg)
+        counts = tuple(int(n) for n in sites.split(",") if n.strip())
+    except (ConfigError, ValueError) as err:
+        fail(str(err))
+    try:
+        result = run(cfg, out, site_counts=counts, progress=console.print)
+    except SimulationFailed as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    console.print(
+        f"dp_step_ratio {result['dp_step_ratio']:.2f}  bytes_ratio 1/{1 / result['bytes_ratio']:.0f} "
+        f"(fp16 1/{1 / result['bytes_ratio_fp16']:.0f})  framework_overhead_ratio {result['framework_overhead_ratio']:.2f}  "
+        f"peak_rss_mb {result['peak_rss_mb']:.0f}  eval_users_per_s {result['eval_users_per_s']:.0f}  "
+        f"max_sites {result['max_sites']}; {out}/bench.json"
     )
 
 

@@ -1,0 +1,230 @@
+"""``fedenc bench``: what privacy, communication and the framework cost, measured side by
+side in one run on one machine.
+
+1. DP step / non-DP step: same model, same fixed batch, same settings; median of
+   ``steps`` timed steps after warm-up. Also per Opacus grad-sample mode and with the
+   frozen-lower-layer cache off, so the speed-ups are measured, not assumed.
+2. Bytes a site sends per round / bytes of the full model's parameters (fp32, fp16).
+3. ``fedenc simulate`` wall time / a bare loop doing the same local training,
+   aggregation and evaluation in-process without Flower.
+4. Peak memory (RSS of the whole process tree) of that simulation; full-ranking
+   evaluation throughput.
+5. Scale: the largest number of virtual sites a simulation completes (tiny model,
+   one round, no DP: it measures the framework, not the model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from common.adapter import load_trainable_state
+from common.central import CentralEvaluator
+from common.config import Settings
+from common.examples import training_rows
+from common.model import Recommender
+from common.site import Site, dataset
+from common.training import with_lower_states
+from simulations.step_numbers import measure_step, parameter_counts
+
+
+def step_table(settings: Settings, batch_sizes, users: int = 256) -> dict:
+    """Median step times per batch size: non-DP vs DP (hooks, functorch), cache on and off.
+
+    Each arm runs on the same fixed batches (``step_numbers.measure_step``); CPU time is
+    recorded too, as it is robust to other load on the machine.
+    """
+    data, split = dataset(settings.data)
+    m = settings.model
+    table: dict = {}
+    for cache in (True, False):
+        torch.manual_seed(settings["seed"])
+        model = Recommender.build(replace(m, cache_lower_layers=cache), list(data.catalogue.texts))
+        rows = training_rows(data.catalogue, split, np.arange(users), model.tokenizer, m.max_tokens, m.max_history,
+                             settings.train.targets_per_user)
+        if cache:
+            rows = with_lower_states(model, rows)
+        arms = [("non_dp", False, "hooks"), ("dp_hooks", True, "hooks")]
+        if cache:
+            arms.append(("dp_functorch", True, "functorch"))
+        for b in batch_sizes:
+            row = table.setdefault(str(b), {})
+            for name, private, mode in arms:
+                r = measure_step(model, rows, b, private, train=replace(settings.train, grad_sample_mode=mode),
+                                 privacy=settings.privacy)
+                row[name if cache else f"{name}_no_cache"] = {"median_s": r["median_s"], "median_cpu_s": r["median_cpu_s"]}
+        if cache:
+            table["parameters"] = parameter_counts(model)
+    return table
+
+
+def bare_loop(settings: Settings) -> tuple[float, dict]:
+    """The same sites, rounds, steps, averaging and central evaluation, without Flower."""
+    start = time.perf_counter()
+    evaluator = CentralEvaluator(settings)
+    state = evaluator.initial_state()
+    metrics = evaluator(state)
+    sites = [Site.open(settings, i, settings.num_sites) for i in range(settings.num_sites)]
+    with tempfile.TemporaryDirectory() as ledgers:
+        for rnd in range(1, settings.rounds + 1):
+            updates, weights = [], []
+            for site in sites:
+                ledger = replace(site.ledger(settings.privacy.epsilon), path=Path(ledgers) / f"{site.name}.json")
+                new, m = site.train(state, ledger, planned_rounds=settings.rounds)
+                updates.append(new)
+                weights.append(m["num-examples"])
+            total = sum(weights)
+            state = {k: sum(w / total * u[k] for u, w in zip(updates, weights)) for k in state}
+            for site in sites:
+                site.evaluate(state)
+            metrics = evaluator(state)
+    return time.perf_counter() - start, metrics
+
+
+class TreeMemory:
+    """Samples the summed RSS of this process's descendants (SuperLink, ServerApp, Ray)."""
+
+    def __init__(self, interval: float = 1.0):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval: float) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me] + me.children(recursive=True) + _orphans():
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _orphans() -> list[psutil.Process]:
+    """Flower's simulation runtime detaches from its parent; count it and its Ray workers."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "flwr-simulation" in cmd or "ClientAppActor" in cmd:
+            out.append(p)
+            try:
+                out += p.children(recursive=True)
+            except psutil.Error:
+                pass
+    return out
+
+
+def eval_throughput(settings: Settings) -> float:
+    """Users per second of full-ranking evaluation (top layers over cached lower states)."""
+    evaluator = CentralEvaluator(settings)
+    state = evaluator.initial_state()
+    load_trainable_state(evaluator.model, state)
+    start = time.perf_counter()
+    evaluator(state)
+    return 2 * len(evaluator.users) / (time.perf_counter() - start)  # valid + test
+
+
+def scale(config: dict, out: Path, site_counts: tuple[int, ...], tiny_model: str) -> list[dict]:
+    """Complete a one-round simulation with each number of sites; stop at the first failure."""
+    from simulations.simulate import SimulationFailed, simulate
+
+    results = []
+    for n in site_counts:
+        cfg = config | {
+            "model": tiny_model, "num-sites": n, "num-server-rounds": 1, "epsilon": math.inf,
+            "expected-batch": 2, "local-steps": 1, "eval-users": 200, "max-tokens": 16,
+        }
+        with TreeMemory() as mem:
+            start = time.perf_counter()
+            try:
+                simulate(cfg, out / f"scale-{n}", overwrite=True)
+                ok = True
+            except SimulationFailed:
+                ok = False
+        results.append({"sites": n, "completed": ok, "seconds": time.perf_counter() - start, "peak_rss_mb": mem.peak / 2**20})
+        if not ok:
+            break
+    return results
+
+
+def tiny_encoder(directory: Path) -> str:
+    """A 2-layer random BERT with the MiniLM tokenizer, saved to ``directory``."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from common.encoder import resolve_model_path
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(resolve_model_path("default")).save_pretrained(directory)
+    return str(directory)
+
+
+def bench(config: dict, out: str | Path, site_counts=(100, 1000), step_batches=(32, 64), progress=print) -> dict:
+    """Run every measurement, write ``out/bench.json`` and return it."""
+    from simulations.simulate import simulate
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # as a simulated site runs
+    settings = Settings.from_config(config)
+    result: dict = {"config": settings.as_dict(), "steps": {}}
+
+    steps = step_table(settings, step_batches)
+    params = steps.pop("parameters")
+    result["steps"] = steps
+    for b, row in steps.items():
+        progress(f"step (batch {b}): " + ", ".join(f"{k} {v['median_s'] * 1000:.0f} ms" for k, v in row.items()))
+    main = steps[str(step_batches[-1])]
+    result["dp_step_ratio"] = main["dp_hooks"]["median_cpu_s"] / main["non_dp"]["median_cpu_s"]
+    update, full = params["adapter_update_bytes"], params["model_parameter_bytes"]
+    result |= params | {"bytes_ratio": update / full, "bytes_ratio_fp16": update / 2 / full}
+    progress(f"bytes: update {update:,} / full model {full:,} = 1/{full / update:.0f} (fp16 1/{2 * full / update:.0f})")
+
+    result["eval_users_per_s"] = eval_throughput(settings)
+    progress(f"evaluation: {result['eval_users_per_s']:.0f} users/s")
+
+    torch.set_num_threads(max(1, psutil.cpu_count() or 1))
+    bare_seconds, bare_metrics = bare_loop(settings)
+    progress(f"bare loop: {bare_seconds:.1f} s, NDCG@10 {bare_metrics['test/ndcg@10']:.4f}")
+    with TreeMemory() as mem:
+        start = time.perf_counter()
+        summary = simulate(config, out / "simulate", overwrite=True)
+        sim_seconds = time.perf_counter() - start
+    result |= {
+        "simulate_seconds": sim_seconds,
+        "bare_loop_seconds": bare_seconds,
+        "framework_overhead_ratio": sim_seconds / bare_seconds,
+        "peak_rss_mb": mem.peak / 2**20,
+        "simulate_ndcg@10": summary["final"]["ndcg@10"],
+        "bare_loop_ndcg@10": bare_metrics["test/ndcg@10"],
+    }
+    progress(f"simulate: {sim_seconds:.1f} s (x{result['framework_overhead_ratio']:.2f} the bare loop), peak RSS {result['peak_rss_mb']:.0f} MB")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result["scale"] = scale(config, out, tuple(site_counts), tiny_encoder(Path(tmp) / "tiny"))
+    done = [r["sites"] for r in result["scale"] if r["completed"]]
+    result["max_sites"] = max(done, default=0)
+    progress(f"scale: {result['scale']}")
+    (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
