@@ -140,3 +140,9 @@ def test_load_config_file_errors(tmp_path):
     bad.write_text("epsilon = = 3\n")
     with pytest.raises(ConfigError, match="bad.toml"):
         load_config_file(bad)
+
+
+def test_readme_documents_every_setting():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [key for key in KEYS if f"| `{key}` |" not in readme]
+    assert not missing, f"README settings table lacks {missing}"
