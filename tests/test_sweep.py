@@ -1,0 +1,148 @@
+"""Baselines and the privacy sweep: the popularity baseline against a hand computation, the
+local baseline's per-site routing, the baseline/summary files, and a 2-ε sweep on the tiny
+config through the real Flower path (slow: ~3 minutes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from common.central import CentralEvaluator
+from common.config import Settings
+from simulations.baselines import routed_ranks, run_baseline
+from simulations.cli import app
+from simulations.sweep import COLUMNS, parse_epsilons
+
+L3, L4 = 1 / math.log2(3), 1 / math.log2(4)
+
+
+@pytest.fixture(scope="module")
+def toy_config(toy_dir, tiny_bert) -> dict:
+    return {
+        "dataset": "csv",
+        "data-path": str(toy_dir / "interactions.csv"),
+        "model": tiny_bert,
+        "num-sites": 2,
+        "partition": "natural",
+        "partition-column": "site",
+        "num-server-rounds": 2,
+        "local-steps": 1,
+        "expected-batch": 2,
+        "max-tokens": 16,
+        "max-history": 8,
+        "epsilon": math.inf,
+    }
+
+
+def test_popularity_matches_hand_computation(toy_config, tmp_path):
+    # Train-only counts: i3 3, i4 3, i2 2, i7 2, i1 1, i5 1, i6 1, i8 0; ties -> lower index first,
+    # so the order is i3 i4 i2 i7 i1 i5 i6 i8. Each user's history is excluded, the target kept.
+    # valid: u1 (train i1 i3 i2 i4 -> i5): i7 i5 => 1; u10 (i7 i6 i4 -> i2): i3 i2 => 1;
+    #        u2 (i2 i7 i3 -> i5): i4 i1 i5 => 2; u3 (i5 i4 i3 -> i2): i2 => 0
+    # test:  u1 (+i5 -> i6): i7 i6 => 1; u10 (+i2 -> i3): => 0; u2 (+i5 -> i1): i4 i1 => 1;
+    #        u3 (+i2 -> i1): i7 i1 => 1
+    summary = run_baseline("popularity", toy_config, tmp_path)
+    best = summary["best_validation"]
+    assert best["valid/ndcg@10"] == pytest.approx((2 * L3 + L4 + 1) / 4)
+    assert best["ndcg@10"] == pytest.approx((3 * L3 + 1) / 4)
+    assert best["hr@10"] == 1.0
+    assert best["mrr@10"] == pytest.approx((3 * 0.5 + 1) / 4)
+    assert best["cold/users"] == 0  # every toy test item occurs in some training history
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [0]
+    for key in ("hr@10", "ndcg@10", "mrr@10", "epsilon", "train_loss", "bytes_up", "seconds"):
+        assert key in lines[0]
+    assert lines[0]["bytes_up"] == 0 and summary["method"] == "popularity"
+    assert not (tmp_path / "adapter").exists()  # no model, no adapter
+
+
+def test_local_routes_each_user_to_its_own_site(toy_config):
+    """Site A (u1, u2) and site B (u10, u3): a state that puts item i1 first helps exactly
+    the users of the site that holds it (u2 and u3 both have test item i1)."""
+    settings = Settings.from_config(toy_config)
+    ev = CentralEvaluator(settings)
+    users = [ev.data.user_ids[u] for u in ev.users]
+    owner = np.array([0 if u in ("u1", "u2") else 1 for u in users])
+    base = ev.initial_state()
+    bias_key = next(k for k in base if k.endswith("scorer.bias"))
+    i1 = ev.data.catalogue.item_ids.index("i1")
+    boosted = dict(base) | {bias_key: np.where(np.arange(len(base[bias_key])) == i1, 1e4, -1e4).astype(np.float32)}
+    rows = ev.rows["test"]
+    ranks_a, _ = routed_ranks(ev.model, rows, owner, [boosted, base], ev.device)
+    ranks_b, _ = routed_ranks(ev.model, rows, owner, [base, boosted], ev.device)
+    assert ranks_a[users.index("u2")] == 0 and ranks_b[users.index("u3")] == 0
+    # only the boosted site's user is forced to the top; the other's rank comes from the base model
+    none, _ = routed_ranks(ev.model, rows, owner, [base, base], ev.device)
+    assert ranks_a[users.index("u3")] == none[users.index("u3")]
+    assert ranks_b[users.index("u2")] == none[users.index("u2")]
+
+
+@pytest.mark.parametrize("name", ["zeroshot", "centralized", "local"])
+def test_model_baselines_write_simulate_files(name, toy_config, tmp_path):
+    summary = run_baseline(name, toy_config, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected_rounds = [0] if name == "zeroshot" else [0, 1, 2]
+    assert [x["round"] for x in lines] == expected_rounds
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert {"final", "best_validation", "wall_seconds", "settings"} <= set(summary)
+    assert "cold/ndcg@10" in summary["final"] and summary["method"] == name
+
+
+def test_every_baseline_starts_from_the_untrained_model(toy_config, tmp_path):
+    """The model object is shared within a process: a trained baseline must not leak its
+    state into the next one (a sweep runs its baselines in one process)."""
+    first = run_baseline("zeroshot", toy_config, tmp_path / "z1")["final"]
+    run_baseline("centralized", toy_config | {"learning-rate": 0.5}, tmp_path / "c")
+    again = run_baseline("zeroshot", toy_config, tmp_path / "z2")["final"]
+    run_baseline("local", toy_config, tmp_path / "l")
+    local0 = json.loads((tmp_path / "l" / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("valid/loss", "test/loss", "valid/ndcg@10"):
+        assert again[key] == pytest.approx(first[key]) and local0[key] == pytest.approx(first[key])
+
+
+def test_dp_local_and_centralized_stay_in_budget(toy_config, tmp_path):
+    cfg = toy_config | {"epsilon": 8.0, "expected-batch": 1}
+    central = run_baseline("centralized", cfg, tmp_path / "c")
+    assert 0 < central["epsilon"] <= 8.0
+    local = run_baseline("local", cfg, tmp_path / "l")
+    assert 0 < local["epsilon"] <= 8.0 and local["trained_sites"] == 2
+
+
+def test_bad_baseline_and_epsilons(toy_config, tmp_path):
+    result = CliRunner().invoke(app, ["baseline", "nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown baseline" in result.output
+    assert parse_epsilons("inf,8, 1") == [1.0, 8.0, math.inf]
+    result = CliRunner().invoke(app, ["sweep", "--epsilons", "0,8", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "ε must be > 0" in result.output
+
+
+@pytest.mark.slow
+def test_two_epsilon_sweep_on_tiny_config(tiny_bert, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--epsilons", "8,inf", "--config", "configs/tiny.toml", "--set", f"model={tiny_bert}",
+            "--baselines", "popularity", "--out", str(out)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "ran 3 cell(s), skipped 0" in first.output
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == COLUMNS
+    assert [(r["method"], r["epsilon"]) for r in rows] == [("federated", "8"), ("federated", "inf"), ("popularity", "inf")]
+    fed8 = rows[0]
+    assert float(fed8["noise_multiplier"]) > 0 and 0 < float(fed8["delta"]) < 1 and fed8["rounds"] == "2"
+    assert rows[1]["noise_multiplier"] == "0"
+    for r in rows:
+        assert 0 <= float(r["ndcg@10"]) <= float(r["hr@10"]) <= 1 and r["seeds"] == "1"
+    assert (out / "privacy_utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "federated-eps8-seed0" / "summary.json").read_text())
+    assert 0 < summary["epsilon"] <= 8.0 and "cold/users" in summary["best_validation"]
+    mtime = (out / "federated-eps8-seed0" / "summary.json").stat().st_mtime
+    again = CliRunner().invoke(app, args)  # resumable: every cell is finished, nothing runs
+    assert again.exit_code == 0, again.output
+    assert "ran 0 cell(s), skipped 3" in again.output
+    assert (out / "federated-eps8-seed0" / "summary.json").stat().st_mtime == mtime
