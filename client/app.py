@@ -16,8 +16,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -61,14 +62,42 @@ def central_dp_clipping(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+def _ledger(site: Site, budget: float, context: Context):
+    saved = context.state.config_records.get(_LEDGER_KEY)
+    return site.ledger(budget, saved["json"] if saved else None)
+
+
+def _install_prior(site: Site, msg: Message) -> None:
+    """The server's popularity prior travels beside the global arrays."""
+    prior = msg.content.array_records.get("prior")
+    if prior is not None:
+        site.set_prior(prior["log-popularity"].numpy())
+
+
+@app.query("counts")
+def counts(msg: Message, context: Context) -> Message:
+    """Release this site's item counts for the popularity prior, charged to its ledger."""
+    site, site_id, budget = _open_site(context)
+    ledger = _ledger(site, budget, context) if site.settings.private else None
+    try:
+        released, refused = site.release_counts(ledger), 0
+    except BudgetExhausted:
+        released, refused = np.zeros(len(site.data.catalogue)), 1
+    if ledger is not None:
+        context.state.config_records[_LEDGER_KEY] = ConfigRecord({"json": json.dumps(ledger.state())})
+    metrics = MetricRecord({"site": site_id, "refused": refused, "epsilon": float(ledger.epsilon()) if ledger else 0.0})
+    content = RecordDict({"counts": ArrayRecord({"counts": Array(released.astype(np.float32))}), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
 @app.train(mods=[central_dp_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Train one round on this site's users under user-level DP."""
     site, site_id, budget = _open_site(context)
     config = msg.content["config"]
     state = from_array_record(msg.content["arrays"])
-    saved = context.state.config_records.get(_LEDGER_KEY)
-    ledger = site.ledger(budget, saved["json"] if saved else None)
+    _install_prior(site, msg)
+    ledger = _ledger(site, budget, context)
     try:
         new_state, metrics = site.train(state, ledger, planned_rounds=int(config["num-rounds"]))
         refused = 0
@@ -101,6 +130,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on this site's own validation users."""
     site, site_id, _ = _open_site(context)
+    _install_prior(site, msg)
     metrics = site.evaluate(from_array_record(msg.content["arrays"]))
     reply = MetricRecord({"num-examples": int(metrics["users"]), "unit-weight": 1, "site": site_id} | {k: float(metrics[k]) for k in ("hr@10", "ndcg@10", "mrr@10", "loss")})
     return Message(content=RecordDict({"metrics": reply}), reply_to=msg)

@@ -112,6 +112,14 @@ class RunRecorder:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
 
+    def saved_prior(self) -> np.ndarray | None:
+        path = self.out / "prior.npy"
+        return np.load(path) if path.exists() else None
+
+    def save_prior(self, prior: np.ndarray) -> None:
+        """Kept with the run: a resumed run must not ask the sites to spend on it again."""
+        np.save(self.out / "prior.npy", prior)
+
     def record_sites(self, replies: list[dict]) -> None:
         for r in replies:
             self.sites[str(r["site"])] = r

@@ -81,6 +81,9 @@ KEYS: dict[str, Key] = {
     "max-grad-norm": Key(1.0, "per-user clipping bound", minimum=0),
     "accountant": Key("rdp", "rdp | prv", ("rdp", "prv")),
     "expected-batch": Key(64, "expected users per Poisson batch", minimum=1),
+    # -- DP popularity prior
+    "popularity-prior": Key(0.0, "share of each site's ε spent on DP item counts as the score base (0 = off)", minimum=0),
+    "prior-cap": Key(20, "most recent items a user contributes to the counts (L2 sensitivity √cap)", minimum=1),
     # -- public warm start (server side, before the private rounds)
     "warm-start": Key("", "public dataset to pre-train on without DP ('' = none), e.g. movietweetings"),
     "warm-start-steps": Key(200, "non-private steps of the warm start", minimum=1),
@@ -168,6 +171,8 @@ class Settings:
     def _build(cls, v: dict) -> Settings:
         if v["epsilon"] == 0:
             raise ConfigError("epsilon: must be > 0 (use inf for no DP)")
+        if v["popularity-prior"] >= 1:
+            raise ConfigError(f"popularity-prior: a share of the budget in [0, 1), got {v['popularity-prior']}")
         if v["delta"] >= 1:
             raise ConfigError(f"delta: must be < 1, got {v['delta']}")
         if v["device"] != "auto" and not (v["device"] == "cpu" or v["device"].startswith("cuda")):

@@ -120,6 +120,7 @@ class Recommender(nn.Module):
         self.projection = nn.Linear(h, h, bias=False)
         nn.init.eye_(self.projection.weight)
         self.scale = LogitScale(settings.logit_scale, settings.learn_logit_scale)
+        self.prior_weight = Scalar(1.0)  # how much of the (DP) popularity prior to keep
         self.scorer = nn.Linear(h, bank.shape[0])  # weight = bank (frozen), bias = item bias
         self.scorer.weight = nn.Parameter(self.bank.clone(), requires_grad=False)
         nn.init.zeros_(self.scorer.bias)
@@ -148,6 +149,7 @@ class Recommender(nn.Module):
             p.requires_grad_(s.train_fusion)
         self.projection.weight.requires_grad_(s.train_projection)
         self.scorer.bias.requires_grad_(s.train_bias)
+        self.prior_weight.weight.requires_grad_(s.train_bias and bool(self.prior.any()))
 
     # -- user tower -------------------------------------------------------------------------
     def user_vector(self, batch: dict) -> torch.Tensor:
@@ -165,7 +167,9 @@ class Recommender(nn.Module):
 
     def score_all(self, batch: dict) -> torch.Tensor:
         """Scores over the whole catalogue: (B, N). Higher is better."""
-        return self.scorer(self.user_vector(batch)) + self.prior
+        user = self.user_vector(batch)  # (B, H)
+        prior = self.prior_weight(self.prior.expand(user.shape[0], -1))  # (B, N): batch first for Opacus
+        return self.scorer(user) + prior
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Mean over users of each user's mean next-item cross-entropy over their targets.
@@ -182,6 +186,15 @@ class Recommender(nn.Module):
         valid = (targets >= 0).float()
         picked = logp.gather(1, targets.clamp(min=0))  # (B, P)
         return -(picked * valid).sum(1) / valid.sum(1).clamp(min=1.0)  # (B,)
+
+    @torch.no_grad()
+    def set_prior(self, log_popularity) -> None:
+        """Install a (DP) log-popularity prior, (N,), as the base of every score; its weight
+        then trains with the item bias (so the trainable state changes: install the prior
+        before taking the state that travels)."""
+        with torch.no_grad():
+            self.prior.copy_(torch.as_tensor(log_popularity, dtype=torch.float32))
+        self._set_trainable()
 
     @torch.no_grad()
     def lower_states(self, ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -126,6 +126,17 @@ class Site:
             ledger.rounds, ledger.noise_multiplier, ledger.delta = saved["rounds"], saved["noise_multiplier"], saved["delta"]
         return ledger
 
+    def release_counts(self, ledger: PrivacyLedger | None) -> np.ndarray:
+        """This site's item counts for the popularity prior, DP-noised and charged to
+        ``ledger`` (None: a non-private run, exact counts)."""
+        from .prior import release_counts
+
+        s = self.settings
+        return release_counts(self.split, self.users, s["prior-cap"], s["popularity-prior"], ledger)
+
+    def set_prior(self, log_popularity) -> None:
+        self.model.set_prior(log_popularity)
+
     def train(self, state: dict, ledger: PrivacyLedger, planned_rounds: int, progress=None):
         """One round of local training. Raises ``BudgetExhausted`` instead of overspending."""
         s = self.settings

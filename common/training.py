@@ -96,10 +96,17 @@ def train_local(
     if not params:
         raise PrivacyError("nothing to train: every train-* setting is off")
     optimizer = torch.optim.Adam(params, lr=train.learning_rate)
-    # A fresh draw every round: one fixed seed made every round sample the SAME Poisson
-    # batches (same users, same order), which the subsampling accounting does not cover and
-    # which trains on the same few batches forever. The ledger counts the site's rounds.
-    generator = torch.Generator().manual_seed(train.seed * 1_000_003 + (ledger.rounds if ledger else 0))
+    if privacy.private:
+        # Which users a Poisson batch holds, and the noise, must be secret and fresh every
+        # round: a configured seed would let anyone replay both, and the subsampling
+        # amplification and the Gaussian noise would protect nothing. DP runs are therefore
+        # not bit-reproducible, by design.
+        generator = torch.Generator()
+        generator.seed()
+        torch.seed()
+    else:
+        # A different (reproducible) shuffle every round; the ledger counts the rounds.
+        generator = torch.Generator().manual_seed(train.seed * 1_000_003 + (ledger.rounds if ledger else 0))
     steps = train.local_steps
     metrics: dict = {"num-examples": n_users, "steps": steps}
 

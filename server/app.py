@@ -15,7 +15,8 @@ from common.central import CentralEvaluator, RunRecorder, set_server_threads, wa
 from common.config import Settings
 from common.transport import from_array_record, to_array_record
 from server import central_dp
-from server.strategy import BudgetAwareFedAvg
+from common.prior import log_prior
+from server.strategy import BudgetAwareFedAvg, collect_counts
 
 app = ServerApp()
 
@@ -26,6 +27,16 @@ def main(grid: Grid, context: Context) -> None:
     set_server_threads()
     recorder = RunRecorder.open(settings["out-dir"] or "runs/latest", settings)
     evaluator = CentralEvaluator(settings)
+    prior = None  # the popularity prior must be in place before the state that travels is taken
+    if settings["popularity-prior"] > 0:
+        prior = recorder.saved_prior()
+        if prior is None:
+            counts, reports = collect_counts(grid, settings.num_sites)
+            recorder.record_sites([r | {"stage": "prior"} for r in reports])
+            prior = log_prior(counts)
+            recorder.save_prior(prior)
+        evaluator.model.set_prior(prior)
+
     state = recorder.resume_state()
     if state is None:
         state = evaluator.initial_state()
@@ -41,6 +52,7 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=num_sites,
         seed=settings["seed"] + recorder.start_round,
     )
+    strategy.prior = prior
 
     def central_evaluation(server_round: int, arrays) -> MetricRecord:
         rnd = recorder.start_round + server_round

@@ -11,7 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -28,6 +30,18 @@ class BudgetAwareFedAvg(FedAvg):
         self.last_round: dict = {}
         self.site_reports: list[dict] = []
         self._rng = random.Random(seed)
+        self.prior: np.ndarray | None = None  # log-popularity base, sent beside the arrays
+
+    def _with_prior(self, messages: Iterable[Message]) -> Iterable[Message]:
+        if self.prior is None:
+            return messages
+        messages = list(messages)
+        for msg in messages:
+            msg.content["prior"] = ArrayRecord({"log-popularity": Array(self.prior)})
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self._with_prior(super().configure_evaluate(server_round, arrays, config, grid))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         _, available = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
@@ -38,7 +52,7 @@ class BudgetAwareFedAvg(FedAvg):
         chosen = sorted(self._rng.sample(eligible, k))
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, chosen, MessageType.TRAIN)
+        return self._with_prior(self._construct_messages(record, chosen, MessageType.TRAIN))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
@@ -66,3 +80,20 @@ class BudgetAwareFedAvg(FedAvg):
             "refused": len(replies) - len(trained),
         }
         return arrays, metrics
+
+
+def collect_counts(grid: Grid, num_sites: int, timeout: float = 3600) -> tuple[np.ndarray, list[dict]]:
+    """Ask every site once for its (DP) item counts and sum them.
+
+    >>> counts, reports = collect_counts(grid, 5)  # doctest: +SKIP
+    """
+    _, nodes = sample_nodes(grid, num_sites, num_sites)
+    query = RecordDict({"config": ConfigRecord({"task": "popularity-prior"})})
+    messages = [Message(content=query, message_type=f"{MessageType.QUERY}.counts", dst_node_id=n) for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    failed = [m for m in replies if m.has_error()]
+    if failed or len(replies) < len(nodes):
+        reason = failed[0].error.reason if failed else "no reply"
+        raise RoundFailed(f"popularity prior: {len(nodes) - len(replies) + len(failed)} site(s) failed: {reason}")
+    total = sum(m.content["counts"]["counts"].numpy().astype(np.float64) for m in replies)
+    return total, [dict(m.content["metrics"]) for m in replies]

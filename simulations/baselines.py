@@ -90,9 +90,20 @@ def _open(settings: Settings, out: str | Path) -> tuple[CentralEvaluator, RunRec
     evaluator = _EVALUATORS[key]
     # The model object is shared per process (common.site.shared_model) and keeps the last
     # state loaded into it: every baseline starts from the state it had when first seen here.
+    evaluator.model.set_prior(np.zeros(len(evaluator.data.catalogue)))  # no prior left from another baseline
     pristine = _PRISTINE.setdefault(id(evaluator.model), evaluator.initial_state())
     evaluator.initial_state = lambda: dict(pristine)
     return evaluator, RunRecorder.open(out, settings)
+
+
+def _install_prior(settings: Settings, evaluator: CentralEvaluator, users, ledger) -> dict:
+    """The popularity prior from ``users``' counts (DP-noised and charged to ``ledger`` when
+    private); returns the initial state, which now includes the prior's weight."""
+    from common.prior import log_prior, release_counts
+
+    counts = release_counts(evaluator.split, users, settings["prior-cap"], settings["popularity-prior"], ledger)
+    evaluator.model.set_prior(log_prior(counts))
+    return evaluator.initial_state() | {"prior_weight.weight": np.array(1.0, dtype=np.float32)}
 
 
 def _round_seed(settings: Settings, rnd: int, site: int = 0):
@@ -131,6 +142,8 @@ def centralized(settings: Settings, out: str | Path) -> dict:
     ))
     ledger = PrivacyLedger.open(None, evaluator.data.fingerprint(), p.epsilon, p.delta_for(len(users)), p.accountant)
     state = evaluator.initial_state()
+    if settings["popularity-prior"] > 0:
+        state = _install_prior(settings, evaluator, users, ledger if settings.private else None)
     recorder.round_done(0, evaluator(state), {}, model, state)
     planned = settings.rounds * settings.train.local_steps
     for rnd in range(1, settings.rounds + 1):
@@ -145,6 +158,8 @@ def local(settings: Settings, out: str | Path) -> dict:
     """Each site trains alone (its own ledger, same rounds × local-steps); every evaluated user
     is scored by their own site's model. A site too small to train under DP keeps the
     untrained model and is marked ``trained: false``."""
+    if settings["popularity-prior"] > 0:
+        raise ConfigError("local: popularity-prior is not supported for the local-only baseline yet")
     evaluator, recorder = _open(settings, out)
     model, n = evaluator.model, settings.num_sites
     owner = np.full(len(evaluator.data.user_ids), -1)

@@ -94,6 +94,7 @@ def test_per_sample_gradients_match_one_user_at_a_time(
                      LoraSettings(ffa=ffa), train_projection=True, learn_logit_scale=True)
         rows = rows_for(model, toy_split, range(4), targets=2)
     assert model.encoder.split == 1  # the lower layer is cached: the split path is what is checked
+    model.set_prior(torch.randn(len(model.bank)))  # a popularity prior makes its weight trainable
     model.to(dtype)
     perturb(model)
     model.train()
@@ -105,7 +106,7 @@ def test_per_sample_gradients_match_one_user_at_a_time(
     names = [n for n, _ in named]
     params = [p for _, p in named]
     expected = {"scale.log_scale", "projection.weight", "scorer.bias", "gate.linear.weight", "gate.linear.bias",
-                "behaviour.recency.weight", "behaviour.content.weight"}
+                "behaviour.recency.weight", "behaviour.content.weight", "prior_weight.weight"}
     assert expected <= set(names)
     assert any("lora_B" in n for n in names)
     assert any("lora_A" in n for n in names) == (not ffa)
