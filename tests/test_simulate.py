@@ -26,6 +26,9 @@ SITE_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "ac
 TIMEOUT = 900
 
 
+PRIOR = ("--set", "popularity-prior=0.1")
+
+
 def fedenc_script() -> str:
     """The installed ``fedenc`` script: beside this interpreter, else on PATH."""
     beside = Path(sys.executable).parent / "fedenc"
@@ -73,9 +76,11 @@ def sim_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_bert, sim_cache, tmp_path_factory) -> Path:
-    """A completed 2-round simulation with the tiny model."""
+    """A completed 2-round simulation with the tiny model and the DP popularity prior (so the
+    sites' count release, a query message, runs through Flower too)."""
     out = tmp_path_factory.mktemp("sim") / "run"
-    proc = fedenc("simulate", "--config", str(TINY), "--set", f"model={tiny_bert}", "--out", str(out), cache=sim_cache)
+    proc = fedenc("simulate", "--config", str(TINY), "--set", f"model={tiny_bert}", *PRIOR, "--out", str(out),
+                  cache=sim_cache)
     assert proc.returncode == 0, explain(proc)
     assert "round   2" in proc.stdout, explain(proc)  # progress is shown per round
     return out
@@ -92,7 +97,8 @@ def test_metrics_per_round(finished_run):
         assert not missing, (row["round"], missing)
         for k in ("hr@10", "ndcg@10", "mrr@10"):
             assert 0.0 <= row[k] <= 1.0
-    assert rows[0]["epsilon"] == 0.0 and rows[0]["bytes_up"] == 0  # round 0: central evaluation only
+    # round 0: the prior's count release (10% of ε=8) and central evaluation, no training
+    assert rows[0]["epsilon"] == pytest.approx(0.8, abs=0.02) and rows[0]["bytes_up"] == 0
     for row in rows[1:]:
         assert row["bytes_up"] > 0
         assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0
@@ -117,6 +123,9 @@ def test_summary(finished_run):
         assert 0 < site["epsilon"] <= TARGET_EPSILON + 1e-9
         assert 0 < site["delta"] < 1
         assert site["noise_multiplier"] > 0 and 0 < site["sample_rate"] < 1 and site["steps"] > 0
+        history = json.loads(site["accountant"])["history"]
+        assert history[0][1:] == [1.0, 1]  # the prior's count release, then the DP-SGD steps
+        assert history[1][0] == pytest.approx(site["noise_multiplier"])
     assert max(site["epsilon"] for site in sites.values()) == pytest.approx(summary["epsilon"])
 
 
@@ -182,7 +191,7 @@ def test_resume_continues_without_repeating(finished_run, tiny_bert, sim_cache, 
     before = (out / "metrics.jsonl").read_text().splitlines()
     ledgers_before = {p.name: p.read_text() for p in (out / "ledgers").glob("*")}
     proc = fedenc(
-        "simulate", "--config", str(TINY), "--set", f"model={tiny_bert}", "--set", "num-server-rounds=3",
+        "simulate", "--config", str(TINY), "--set", f"model={tiny_bert}", *PRIOR, "--set", "num-server-rounds=3",
         "--resume", "--out", str(out), cache=sim_cache,
     )
     assert proc.returncode == 0, explain(proc)
