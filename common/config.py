@@ -82,7 +82,7 @@ KEYS: dict[str, Key] = {
     "accountant": Key("rdp", "rdp | prv", ("rdp", "prv")),
     "expected-batch": Key(64, "expected users per Poisson batch", minimum=1),
     # -- DP popularity prior
-    "popularity-prior": Key(0.0, "share of each site's ε spent on DP item counts as the score base (0 = off)", minimum=0),
+    "popularity-prior": Key(0.1, "share of each site's ε spent on DP item counts as the score base (0 = off)", minimum=0),
     "prior-cap": Key(20, "most recent items a user contributes to the counts (L2 sensitivity √cap)", minimum=1),
     # -- public warm start (server side, before the private rounds)
     "warm-start": Key("", "public dataset to pre-train on without DP ('' = none), e.g. movietweetings"),

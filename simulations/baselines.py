@@ -27,6 +27,7 @@ from common.adapter import load_trainable_state
 from common.central import CHECKPOINT, CentralEvaluator, RunRecorder
 from common.config import ConfigError, Settings
 from common.examples import EvalRows, training_rows
+from common.prior import log_prior
 from common.privacy import PrivacyError, PrivacyLedger
 from common.site import Site, site_users
 from common.training import rank_of_targets, train_local, with_lower_states
@@ -58,15 +59,18 @@ def subset(rows: EvalRows, index: np.ndarray) -> EvalRows:
     return EvalRows(TensorDataset(*(t[idx] for t in rows.dataset.tensors)), [rows.exclude[i] for i in index])
 
 
-def routed_ranks(model, rows: EvalRows, owner: np.ndarray, states: list[dict], device) -> tuple[np.ndarray, float]:
+def routed_ranks(model, rows: EvalRows, owner: np.ndarray, states: list[dict], device,
+                 priors: list[np.ndarray] | None = None) -> tuple[np.ndarray, float]:
     """Rank of each row's held-out item under its OWN site's model: row ``j`` is scored with
-    ``states[owner[j]]``. Returns (ranks in row order, mean loss)."""
+    ``states[owner[j]]`` (and that site's popularity prior). Returns (ranks in row order, mean loss)."""
     ranks = np.zeros(len(owner), dtype=np.int64)
     loss = 0.0
     for i, state in enumerate(states):
         idx = np.flatnonzero(owner == i)
         if len(idx) == 0:
             continue
+        if priors is not None:
+            model.set_prior(priors[i])
         load_trainable_state(model, state)
         ranks[idx], site_loss = rank_of_targets(model, subset(rows, idx), device)
         loss += site_loss * len(idx)
@@ -99,7 +103,7 @@ def _open(settings: Settings, out: str | Path) -> tuple[CentralEvaluator, RunRec
 def _install_prior(settings: Settings, evaluator: CentralEvaluator, users, ledger) -> dict:
     """The popularity prior from ``users``' counts (DP-noised and charged to ``ledger`` when
     private); returns the initial state, which now includes the prior's weight."""
-    from common.prior import log_prior, release_counts
+    from common.prior import release_counts
 
     counts = release_counts(evaluator.split, users, settings["prior-cap"], settings["popularity-prior"], ledger)
     evaluator.model.set_prior(log_prior(counts))
@@ -158,8 +162,6 @@ def local(settings: Settings, out: str | Path) -> dict:
     """Each site trains alone (its own ledger, same rounds × local-steps); every evaluated user
     is scored by their own site's model. A site too small to train under DP keeps the
     untrained model and is marked ``trained: false``."""
-    if settings["popularity-prior"] > 0:
-        raise ConfigError("local: popularity-prior is not supported for the local-only baseline yet")
     evaluator, recorder = _open(settings, out)
     model, n = evaluator.model, settings.num_sites
     owner = np.full(len(evaluator.data.user_ids), -1)
@@ -169,11 +171,16 @@ def local(settings: Settings, out: str | Path) -> dict:
     initial = evaluator.initial_state()
     sites = [Site.open(settings, i, n) for i in range(n)]
     ledgers = [s.ledger(settings.privacy.epsilon) for s in sites]
+    priors = None
+    if settings["popularity-prior"] > 0:  # each site's own (DP) counts
+        priors = [log_prior(s.release_counts(ledgers[i] if settings.private else None)) for i, s in enumerate(sites)]
+        model.set_prior(priors[0])
+        initial = initial | {"prior_weight.weight": np.array(1.0, dtype=np.float32)}
     states = [initial] * n
     trained = [True] * n
 
     def evaluate_all() -> dict:
-        return evaluator.metrics({which: routed_ranks(model, rows, owner, states, evaluator.device)
+        return evaluator.metrics({which: routed_ranks(model, rows, owner, states, evaluator.device, priors)
                                   for which, rows in evaluator.rows.items()})
 
     recorder.round_done(0, evaluate_all(), {}, model, initial)
@@ -184,6 +191,8 @@ def local(settings: Settings, out: str | Path) -> dict:
             if not trained[i]:
                 continue
             try:
+                if priors is not None:
+                    model.set_prior(priors[i])
                 states[i], info = train_local(model, states[i], site.train_rows(), _round_seed(settings, rnd, i),
                                               settings.privacy, ledgers[i], planned)
             except PrivacyError as err:  # e.g. fewer users than one expected batch
