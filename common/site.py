@@ -27,6 +27,7 @@ _LOCK = threading.Lock()
 _DATA: dict = {}
 _MODELS: dict = {}
 _SITES: dict = {}
+_PARTITIONS: dict = {}
 
 
 def dataset(spec: DataSpec) -> tuple[Interactions, Split]:
@@ -50,16 +51,16 @@ def shared_model(settings: Settings, data: Interactions) -> Recommender:
 
 
 def site_users(settings: Settings, data: Interactions, site: int, num_sites: int) -> np.ndarray:
-    """The users of simulated site ``site`` out of ``num_sites``."""
-    sites = partition_users(
-        data,
-        num_sites,
-        settings["partition"],
-        settings["partition-column"] or None,
-        settings["dirichlet-alpha"],
-        settings["seed"],
-    )
-    return sites[site]
+    """The users of simulated site ``site`` out of ``num_sites`` (partitioned once per process)."""
+    key = (data.fingerprint(), num_sites, settings["partition"], settings["partition-column"],
+           settings["dirichlet-alpha"], settings["seed"])
+    with _LOCK:
+        if key not in _PARTITIONS:
+            _PARTITIONS[key] = partition_users(
+                data, num_sites, settings["partition"], settings["partition-column"] or None,
+                settings["dirichlet-alpha"], settings["seed"],
+            )
+        return _PARTITIONS[key][site]
 
 
 @dataclass

@@ -46,9 +46,9 @@ def main(grid: Grid, context: Context) -> None:
     num_sites = settings.num_sites
     strategy = BudgetAwareFedAvg(
         fraction_train=settings["fraction-train"],
-        fraction_evaluate=1.0,
+        fraction_evaluate=settings["fraction-evaluate"],
         min_train_nodes=1,
-        min_evaluate_nodes=1,
+        min_evaluate_nodes=1 if settings["fraction-evaluate"] > 0 else 0,
         min_available_nodes=num_sites,
         seed=settings["seed"] + recorder.start_round,
     )

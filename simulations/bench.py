@@ -152,6 +152,7 @@ def scale(config: dict, out: Path, site_counts: tuple[int, ...], tiny_model: str
         cfg = config | {
             "model": tiny_model, "num-sites": n, "num-server-rounds": 1, "epsilon": math.inf,
             "expected-batch": 2, "local-steps": 1, "eval-users": 200, "max-tokens": 16,
+            "fraction-evaluate": 0.0, "popularity-prior": 0.0,  # one train message per site and round
         }
         with TreeMemory() as mem:
             start = time.perf_counter()
