@@ -146,3 +146,19 @@ def test_two_epsilon_sweep_on_tiny_config(tiny_bert, tmp_path):
     assert again.exit_code == 0, again.output
     assert "ran 0 cell(s), skipped 3" in again.output
     assert (out / "federated-eps8-seed0" / "summary.json").stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+def test_bench_writes_every_measurement(tiny_bert, tmp_path):
+    """The benchmark end to end on the tiny model (slow: it runs simulations)."""
+    from simulations.bench import bench
+
+    config = {"model": tiny_bert, "num-sites": 2, "num-server-rounds": 1, "local-steps": 2,
+              "expected-batch": 8, "eval-users": 50, "max-tokens": 16}
+    result = bench(config, tmp_path, site_counts=(4,), step_batches=(8,), progress=lambda _: None)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("dp_step_ratio", "bytes_ratio", "bytes_ratio_fp16", "framework_overhead_ratio", "peak_rss_mb",
+                "eval_users_per_s", "max_sites"):
+        assert saved[key] == pytest.approx(result[key]) and result[key] > 0, key
+    assert result["bytes_ratio_fp16"] == pytest.approx(result["bytes_ratio"] / 2)
+    assert result["max_sites"] == 4
