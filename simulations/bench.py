@@ -91,7 +91,9 @@ def bare_loop(settings: Settings) -> tuple[float, dict]:
 
 
 class TreeMemory:
-    """Samples the summed RSS of this process's descendants (SuperLink, ServerApp, Ray)."""
+    """Samples the summed memory of this process and its descendants (SuperLink, ServerApp,
+    Ray workers), each process once, as PSS: shared pages (torch's libraries, Ray's object
+    store) are split between the processes that map them instead of counted in each."""
 
     def __init__(self, interval: float = 1.0):
         self.peak = 0
@@ -102,9 +104,10 @@ class TreeMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            for p in [me] + me.children(recursive=True) + _orphans():
+            procs = {p.pid: p for p in [me] + me.children(recursive=True) + _orphans()}
+            for p in procs.values():
                 try:
-                    total += p.memory_info().rss
+                    total += p.memory_full_info().pss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
