@@ -14,17 +14,21 @@ from __future__ import annotations
 import numpy as np
 
 from .data import Split
-from .privacy import PrivacyLedger, calibrate_noise
+from .privacy import BudgetExhausted, PrivacyLedger, calibrate_noise
 
 
 def count_noise(share: float, ledger: PrivacyLedger) -> float:
-    """Noise multiplier that spends ``share`` of the ledger's budget on one count release.
+    """Noise multiplier for one count release that raises the ledger's ε by ``share`` of its
+    budget (from what is already spent: a later run on the same data pays again).
 
     >>> ledger = PrivacyLedger.open(None, "fp", budget=8.0, delta=1e-4)
     >>> round(count_noise(0.1, ledger), 2) > 1
     True
     """
-    return calibrate_noise(share * ledger.budget, ledger.delta, 1.0, 1, ledger.history, ledger.accountant)
+    target = ledger.epsilon() + share * ledger.budget
+    if target > ledger.budget:
+        raise BudgetExhausted(f"site budget ε={ledger.budget:g}: no room for the popularity prior's count release")
+    return calibrate_noise(target, ledger.delta, 1.0, 1, ledger.history, ledger.accountant)
 
 
 def item_counts(split: Split, users, cap: int) -> np.ndarray:

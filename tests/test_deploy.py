@@ -245,10 +245,17 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _ledger_epsilon(path: Path) -> tuple[float, int]:
+    """(ε spent, DP-SGD steps); the popularity prior's count releases are the q = 1 entries."""
     from common.privacy import epsilon_spent
 
     (entry,) = json.loads(path.read_text()).values()
-    return epsilon_spent(entry["history"], entry["delta"], entry["accountant"]), sum(h[2] for h in entry["history"])
+    steps = sum(h[2] for h in entry["history"] if h[1] < 1.0)
+    return epsilon_spent(entry["history"], entry["delta"], entry["accountant"]), steps
+
+
+def _releases(path: Path) -> int:
+    (entry,) = json.loads(path.read_text()).values()
+    return sum(1 for h in entry["history"] if h[1] == 1.0)
 
 
 @pytest.mark.deploy
@@ -262,7 +269,7 @@ def test_three_sites_over_tls_with_node_auth(federation):
     assert set(summary["sites"]) == {"0", "1", "2"}
     for i, ledger in federation.ledgers.items():  # each site's ledger lives at the site
         eps, steps = _ledger_epsilon(ledger)
-        assert steps == 4 and 0 < eps <= 8.0
+        assert steps == 4 and 0 < eps <= 8.0 and _releases(ledger) == 1  # the prior's counts, once
         assert summary["sites"][str(i)]["epsilon"] == pytest.approx(eps)
     (federation.root / "timings.json").write_text(json.dumps({"run1_wall_s": wall, "bytes_up": [line["bytes_up"] for line in lines]}))
     print(f"\n3-site TLS run, 2 rounds: {wall:.1f}s wall, {lines[-1]['bytes_up']} bytes up per round")
@@ -280,7 +287,7 @@ def test_second_run_continues_from_the_spent_budget_with_central_dp(federation):
     assert first["epsilon"] > max(eps for eps, _ in before.values())
     for i, path in federation.ledgers.items():
         eps, steps = _ledger_epsilon(path)
-        assert steps == 8 and eps > before[i][0]
+        assert steps == 8 and eps > before[i][0] and _releases(path) == 2  # a new run pays for its prior
     assert 0 < lines[1]["central_epsilon"] < lines[2]["central_epsilon"] == pytest.approx(summary["final"]["central_epsilon"])
     timings = json.loads((federation.root / "timings.json").read_text()) if (federation.root / "timings.json").exists() else {}
     timings |= {"run2_central_dp_wall_s": wall, "run2_bytes_up": [line["bytes_up"] for line in lines]}

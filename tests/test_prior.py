@@ -65,3 +65,12 @@ def test_log_prior_orders_items_by_count_and_is_centred():
     prior = log_prior(np.array([5.0, 0.0, 50.0, -3.0]))
     assert prior[2] > prior[0] > prior[1] == prior[3]  # noisy negatives count as zero
     assert abs(prior.mean()) < 1e-6
+
+
+def test_a_later_release_pays_on_top_of_what_was_spent():
+    ledger = PrivacyLedger.open(None, "fp", budget=16.0, delta=1e-5)
+    ledger.history = [(1.0, 0.05, 200)]  # a previous run's DP-SGD steps
+    before = ledger.epsilon()
+    sigma = count_noise(0.1, ledger)
+    after = ledger.epsilon([(sigma, 1.0, 1)])
+    assert before < after <= before + 1.6 + 1e-9  # 10% of the budget on top, not from zero
