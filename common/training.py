@@ -126,14 +126,15 @@ def train_local(
             )
         sigma = ledger.noise_multiplier
         ledger.check(sigma, sample_rate, steps)  # raises BudgetExhausted before touching data
-        module, optimizer, loader, engine = _make_private(model, optimizer, rows, sigma, privacy, train, generator)
+        loader = DataLoader(rows, batch_size=privacy.expected_batch, generator=generator)
+        module, optimizer, loader, engine = make_private(model, optimizer, loader, sigma, privacy, train)
     else:
         module, engine = model, None
         loader = DataLoader(rows, batch_size=min(privacy.expected_batch, n_users), shuffle=True, generator=generator)
 
     losses = []
     start = time.perf_counter()
-    batches = _cycle(loader)
+    batches = cycle(loader)
     for step in range(steps):
         tensors = next(batches)
         if len(tensors[0]) == 0:
@@ -168,24 +169,29 @@ def train_local(
     return trainable_state(model), metrics
 
 
-def _make_private(model, optimizer, rows, sigma, privacy: PrivacySettings, train: TrainSettings, generator):
+def make_private(model, optimizer, loader, sigma, privacy: PrivacySettings, train: TrainSettings, poisson: bool = True):
+    """Opacus' wrapping as training uses it: (module, optimizer, loader, engine).
+
+    ``poisson=False`` keeps the loader's fixed batches (the step benchmark compares DP and
+    non-DP steps on identical batches); training always samples Poisson batches.
+    """
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant=privacy.accountant)
-    loader = DataLoader(rows, batch_size=privacy.expected_batch, generator=generator)
     module, optimizer, loader = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
         noise_multiplier=sigma,
         max_grad_norm=privacy.max_grad_norm,
-        poisson_sampling=True,
+        poisson_sampling=poisson,
         grad_sample_mode=train.grad_sample_mode,
     )
     return module, optimizer, loader, engine
 
 
-def _cycle(loader):
+def cycle(loader):
+    """Batches from ``loader`` for ever (local steps need not align with epochs)."""
     while True:
         yield from loader
 

@@ -30,7 +30,7 @@ from common.data import DataSpec, leave_one_out, load
 from common.examples import training_rows
 from common.model import ModelSettings, Recommender
 from common.privacy import PrivacySettings
-from common.training import TrainSettings, as_batch, with_lower_states
+from common.training import TrainSettings, as_batch, cycle, make_private, with_lower_states
 
 
 def measure_step(
@@ -57,19 +57,9 @@ def measure_step(
     loader = DataLoader(rows, batch_size=batch_size, shuffle=False, drop_last=True)
     module, engine = model, None
     if private:
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant=privacy.accountant)
-        module, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=False,
-            grad_sample_mode=train.grad_sample_mode,
-        )
-    batches = [as_batch(t, "cpu") for t, _ in zip(_cycle(loader), range(warmup + steps))]
+        module, optimizer, loader, engine = make_private(model, optimizer, loader, noise_multiplier, privacy, train,
+                                                         poisson=False)
+    batches = [as_batch(t, "cpu") for t, _ in zip(cycle(loader), range(warmup + steps))]
     times, cpu_times = [], []
     try:
         for batch in batches:
@@ -98,11 +88,6 @@ def measure_step(
         "max_s": max(counted),
         "median_cpu_s": statistics.median(cpu),
     }
-
-
-def _cycle(loader):
-    while True:
-        yield from loader
 
 
 def parameter_counts(model: Recommender) -> dict:
