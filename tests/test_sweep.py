@@ -109,6 +109,7 @@ def test_dp_local_and_centralized_stay_in_budget(toy_config, tmp_path):
     cfg = toy_config | {"epsilon": 8.0, "expected-batch": 1}
     central = run_baseline("centralized", cfg, tmp_path / "c")
     assert 0 < central["epsilon"] <= 8.0
+    assert central["sites"]["pooled"]["steps"] == 2 * 1  # a round = the federation's work: sites × local-steps
     local = run_baseline("local", cfg, tmp_path / "l")
     assert 0 < local["epsilon"] <= 8.0 and local["trained_sites"] == 2
 
