@@ -18,16 +18,18 @@ from .privacy import BudgetExhausted, PrivacyLedger, calibrate_noise
 
 
 def count_noise(share: float, ledger: PrivacyLedger) -> float:
-    """Noise multiplier for one count release that raises the ledger's ε by ``share`` of its
-    budget (from what is already spent: a later run on the same data pays again).
+    """Noise multiplier for one count release that spends ``share`` of what is left of the
+    ledger's budget (a later run on the same data, at a raised budget, pays again from
+    what it has left; a fresh site spends ``share × budget``).
 
     >>> ledger = PrivacyLedger.open(None, "fp", budget=8.0, delta=1e-4)
     >>> round(count_noise(0.1, ledger), 2) > 1
     True
     """
-    target = ledger.epsilon() + share * ledger.budget
-    if target > ledger.budget:
-        raise BudgetExhausted(f"site budget ε={ledger.budget:g}: no room for the popularity prior's count release")
+    spent = ledger.epsilon()
+    if spent >= ledger.budget:
+        raise BudgetExhausted(f"site budget ε={ledger.budget:g} is spent: no room for the popularity prior's count release")
+    target = spent + share * (ledger.budget - spent)
     return calibrate_noise(target, ledger.delta, 1.0, 1, ledger.history, ledger.accountant)
 
 
