@@ -7,7 +7,9 @@ Where a site's data comes from:
   ``site-id``, ``ledger-path``, ``epsilon-budget``) given to ``flower-supernode
   --node-config``; every user in the site's files belongs to the site.
 The site keeps its privacy ledger itself (``ledger-path``, else ``ledger-dir`` of the
-run, else ``context.state``) and refuses rounds past its budget, whatever the server asks.
+run, else ``context.state``) and refuses rounds past its budget, whatever the server asks;
+a site with fewer users than one expected DP batch sits DP training out (still counted in
+the popularity prior).
 """
 
 from __future__ import annotations
@@ -98,12 +100,7 @@ def train(msg: Message, context: Context) -> Message:
     state = from_array_record(msg.content["arrays"])
     _install_prior(site, msg)
     ledger = _ledger(site, budget, context)
-    try:
-        new_state, metrics = site.train(state, ledger, planned_rounds=int(config["num-rounds"]))
-        refused = 0
-    except BudgetExhausted:
-        new_state, refused = state, 1
-        metrics = {"num-examples": 0, "steps": 0, "train_loss": 0.0, "seconds": 0.0}
+    new_state, metrics = site.train(state, ledger, planned_rounds=int(config["num-rounds"]))  # may refuse
     context.state.config_records[_LEDGER_KEY] = ConfigRecord({"json": json.dumps(ledger.state())})
     reply = MetricRecord(
         {
@@ -113,7 +110,7 @@ def train(msg: Message, context: Context) -> Message:
             "seconds": float(metrics["seconds"]),
             "site": site_id,
             "unit-weight": 1,  # central DP averages sites unweighted
-            "refused": refused,
+            "refused": int(metrics["refused"]),
             "epsilon": float(ledger.epsilon()),
             "delta": float(ledger.delta),
             "budget": float(budget),

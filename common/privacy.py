@@ -31,6 +31,11 @@ class PrivacyError(ValueError):
     """A user-facing problem with the privacy settings."""
 
 
+class TooFewUsers(PrivacyError):
+    """The site has fewer users than one expected DP batch: it sits out DP training
+    (its update would be noise), but still belongs to the federation."""
+
+
 @dataclass(frozen=True)
 class PrivacySettings:
     epsilon: float = 8.0  # target ε per site over the whole run (math.inf: no DP)

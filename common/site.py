@@ -20,7 +20,7 @@ from .data import DataSpec, Interactions, Split, leave_one_out, load
 from .examples import EvalRows, evaluation_rows, training_rows
 from .model import Recommender
 from .partition import partition_users
-from .privacy import PrivacyLedger
+from .privacy import BudgetExhausted, PrivacyLedger, TooFewUsers
 from .training import evaluate, resolve_device, train_local, with_lower_states
 
 _LOCK = threading.Lock()
@@ -138,13 +138,22 @@ class Site:
     def set_prior(self, log_popularity) -> None:
         self.model.set_prior(log_popularity)
 
-    def train(self, state: dict, ledger: PrivacyLedger, planned_rounds: int, progress=None):
-        """One round of local training. Raises ``BudgetExhausted`` instead of overspending."""
+    def train(self, state: dict, ledger: PrivacyLedger, planned_rounds: int, progress=None) -> tuple[dict, dict]:
+        """One round of local training: (new state, metrics with ``refused`` 0).
+
+        The site refuses the round, and returns ``state`` untouched with ``refused`` 1 and
+        nothing spent, when the round would take it past its budget or when it has fewer
+        users than one expected DP batch (its update would be noise).
+        """
         s = self.settings
-        return train_local(
-            self.model, state, self.train_rows(), s.train, s.privacy,
-            ledger=ledger, planned_steps=planned_rounds * s.train.local_steps, progress=progress,
-        )
+        try:
+            new_state, metrics = train_local(
+                self.model, state, self.train_rows(), s.train, s.privacy,
+                ledger=ledger, planned_steps=planned_rounds * s.train.local_steps, progress=progress,
+            )
+        except (BudgetExhausted, TooFewUsers) as why:
+            return state, {"num-examples": 0, "steps": 0, "train_loss": 0.0, "seconds": 0.0, "refused": 1, "reason": str(why)}
+        return new_state, metrics | {"refused": 0}
 
     def evaluate(self, state: dict) -> dict:
         from .adapter import load_trainable_state

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .adapter import load_trainable_state, trainable_state
 from .examples import EvalRows
-from .privacy import BudgetExhausted, PrivacyError, PrivacyLedger, PrivacySettings, calibrate_noise
+from .privacy import BudgetExhausted, PrivacyError, PrivacyLedger, PrivacySettings, TooFewUsers, calibrate_noise
 
 KEYS = ("text", "mask", "history", "targets")
 
@@ -112,7 +112,7 @@ def train_local(
 
     if privacy.private:
         if n_users < privacy.expected_batch:
-            raise PrivacyError(
+            raise TooFewUsers(
                 f"the site has {n_users} users, fewer than one expected batch ({privacy.expected_batch}); "
                 "lower expected-batch or join more users"
             )

@@ -57,12 +57,18 @@ def check_inputs(settings: Settings) -> None:
 
     try:
         data, _ = dataset(settings.data)
-        partition_users(
+        sites = partition_users(
             data, settings.num_sites, settings["partition"], settings["partition-column"] or None,
             settings["dirichlet-alpha"], settings["seed"],
         )
     except DataError as err:
         raise ConfigError(str(err)) from None
+    batch = settings.privacy.expected_batch
+    if settings.private and all(len(s) < batch for s in sites):  # some may sit out, not all
+        raise ConfigError(
+            f"expected-batch: every site has fewer users (at most {max(len(s) for s in sites)}) than one "
+            f"expected DP batch ({batch}), so no site could train; lower expected-batch or use fewer sites"
+        )
     from common.encoder import resolve_model_path
 
     path = resolve_model_path(settings["model"])

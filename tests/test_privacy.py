@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 import common.privacy
+from common.adapter import trainable_state
 from common.examples import training_rows
 from common.model import ModelSettings, Recommender
 from common.privacy import (
@@ -23,6 +24,7 @@ from common.privacy import (
     PrivacyError,
     PrivacyLedger,
     PrivacySettings,
+    TooFewUsers,
     calibrate_noise,
     epsilon_spent,
 )
@@ -250,7 +252,23 @@ def test_rounds_with_a_restored_ledger_equal_one_accountant(site, tmp_path):
     assert all(p.equal(params[n]) for n, p in model.named_parameters())
 
 
-def test_site_smaller_than_one_batch_is_refused(site):
+def test_site_smaller_than_one_batch_sits_out(site, toy_dir, tiny_bert, tmp_path):
     model, rows = site
-    with pytest.raises(PrivacyError, match="the site has 64 users, fewer than one expected batch \\(100\\)"):
+    with pytest.raises(TooFewUsers, match="the site has 64 users, fewer than one expected batch \\(100\\)"):
         train_local(model, None, rows, TrainSettings(local_steps=1), PrivacySettings(epsilon=8.0, expected_batch=100))
+    # What the ClientApp calls: a refusal (state back untouched, nothing spent), not an error
+    # that would fail the whole federation because one partner is small.
+    from common.config import Settings
+    from common.site import Site
+
+    config = {"dataset": "csv", "data-path": str(toy_dir / "interactions.csv"), "model": tiny_bert, "num-sites": 2,
+              "partition": "natural", "partition-column": "site", "max-tokens": 16, "max-history": 8}
+    small = Site.open(Settings.from_config(config | {"expected-batch": 100}), 0, 2)
+    ledger = small.ledger(8.0)
+    state = {k: v.copy() for k, v in trainable_state(small.model).items()}
+    new_state, metrics = small.train(state, ledger, planned_rounds=2)
+    assert metrics["refused"] == 1 and "fewer than one expected batch" in metrics["reason"]
+    assert new_state is state and ledger.history == [] and ledger.epsilon() == 0.0
+    fits = Site.open(Settings.from_config(config | {"expected-batch": 1}), 0, 2)
+    _, metrics = fits.train(state, fits.ledger(8.0), planned_rounds=2)
+    assert metrics["refused"] == 0 and metrics["steps"] > 0

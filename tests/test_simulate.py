@@ -182,6 +182,12 @@ def test_missing_data_path(tmp_path, sim_cache):
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
+def test_no_site_large_enough_for_one_dp_batch(tmp_path, sim_cache):
+    proc = fedenc("simulate", "--config", str(TINY), "--set", "expected-batch=100000", "--out", str(tmp_path / "out"),
+                  cache=sim_cache)
+    assert_clean_error(proc, "expected-batch", "no site could train")
+
+
 # -- resume and failure (each a further simulation) -------------------------------------------
 
 
@@ -219,16 +225,19 @@ def test_resume_continues_without_repeating(finished_run, tiny_bert, sim_cache, 
 
 
 def test_failing_client_fails_the_run(tiny_bert, sim_cache, tmp_path):
-    """A site with fewer users than one expected batch raises inside the ClientApp."""
-    out = tmp_path / "failing"
+    """Site 0's privacy ledger is corrupt: the site refuses to guess what it spent, inside
+    the ClientApp, and the run fails instead of carrying on without it."""
+    out, ledgers = tmp_path / "failing", tmp_path / "ledgers"
+    ledgers.mkdir()
+    (ledgers / "site-0.json").write_text("{not json")
     proc = fedenc(
-        "simulate", "--config", str(TINY), "--set", f"model={tiny_bert}", "--set", "expected-batch=100000",
+        "simulate", "--config", str(TINY), "--set", f"model={tiny_bert}", "--set", f"ledger-dir={ledgers}",
         "--set", "num-server-rounds=1", "--set", "eval-users=20", "--out", str(out), cache=sim_cache,
     )
     assert proc.returncode != 0, explain(proc)
     assert "error:" in proc.stderr, explain(proc)
     assert not (out / "summary.json").exists()
     log = (out / "flower.log").read_text(errors="replace")
-    # the failure came from the client's training, not from a check before Flower started
-    assert "fewer than one expected batch" in log, log[-3000:]
+    # the failure came from the site, not from a check before Flower started
+    assert "is corrupt" in log, log[-3000:]
     assert "RoundFailed" in log or "failed" in proc.stderr
