@@ -184,6 +184,7 @@ def sweep(
     baselines: Annotated[str, typer.Option(help="Comma-separated baselines to run beside the federated cells ('' for none).")] = "popularity,zeroshot,centralized,local",
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    report_only: Annotated[bool, typer.Option(help="Run nothing: table and plot from the cells finished so far.")] = False,
 ) -> None:
     """Federated runs at each ε plus baselines: sweep.csv and privacy_utility.png in --out (resumable)."""
     from common.config import ConfigError
@@ -193,7 +194,7 @@ def sweep(
     try:
         eps = parse_epsilons(epsilons)
         names = [b.strip() for b in baselines.split(",") if b.strip()]
-        run(run_config(config, set_), out, eps, seeds, names, log=console.print)
+        run(run_config(config, set_), out, eps, seeds, names, log=console.print, report_only=report_only)
     except ConfigError as err:
         fail(str(err))
     except SimulationFailed as err:

@@ -193,10 +193,13 @@ def sweep(
     seeds: int = 1,
     baselines: list[str] = ("popularity", "zeroshot", "centralized", "local"),
     log: Callable[[str], None] = print,
+    report_only: bool = False,
 ) -> dict:
     """Run every unfinished cell, then write ``sweep.csv`` and ``privacy_utility.png``.
 
-    Returns ``{"ran": [...], "skipped": [...], "rows": [...]}``.
+    ``report_only`` runs nothing: the table and plot cover the cells finished so far (a
+    row's ``seeds`` says how many), e.g. to look at a sweep that is still running.
+    Returns ``{"ran": [...], "skipped": [...], "missing": [...], "rows": [...]}``.
     """
     if seeds < 1:
         raise ConfigError("--seeds must be >= 1")
@@ -208,12 +211,16 @@ def sweep(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cells = plan(epsilons, seeds, list(baselines))
-    ran, skipped = [], []
+    ran, skipped, missing = [], [], []
     for i, cell in enumerate(cells, 1):
         cell_dir = out / cell.name
         if (cell_dir / "summary.json").exists():
             skipped.append(cell.name)
             log(f"[{i}/{len(cells)}] {cell.name}: done before, skipped")
+            continue
+        if report_only:
+            missing.append(cell.name)
+            log(f"[{i}/{len(cells)}] {cell.name}: not finished, left out of the table")
             continue
         t0 = time.time()
         log(f"[{i}/{len(cells)}] {cell.name}: running")
@@ -229,5 +236,6 @@ def sweep(
          f"{settings['dataset']}: {settings.num_sites} sites, {settings.rounds} rounds × {settings['local-steps']} steps")
     (out / "sweep.json").write_text(json.dumps({"config": config, "epsilons": [eps_label(e) for e in epsilons],
                                                 "seeds": seeds, "baselines": list(baselines)}, indent=1))
-    log(f"ran {len(ran)} cell(s), skipped {len(skipped)} finished; table {out / 'sweep.csv'}, plot {out / 'privacy_utility.png'}")
-    return {"ran": ran, "skipped": skipped, "rows": rows}
+    log(f"ran {len(ran)} cell(s), skipped {len(skipped)} finished, left out {len(missing)} unfinished; "
+        f"table {out / 'sweep.csv'}, plot {out / 'privacy_utility.png'}")
+    return {"ran": ran, "skipped": skipped, "missing": missing, "rows": rows}

@@ -129,7 +129,7 @@ def test_two_epsilon_sweep_on_tiny_config(tiny_bert, tmp_path):
             "--baselines", "popularity", "--out", str(out)]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
-    assert "ran 3 cell(s), skipped 0" in first.output
+    assert "ran 3 cell(s), skipped 0 finished" in first.output
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS
@@ -145,8 +145,15 @@ def test_two_epsilon_sweep_on_tiny_config(tiny_bert, tmp_path):
     mtime = (out / "federated-eps8-seed0" / "summary.json").stat().st_mtime
     again = CliRunner().invoke(app, args)  # resumable: every cell is finished, nothing runs
     assert again.exit_code == 0, again.output
-    assert "ran 0 cell(s), skipped 3" in again.output
+    assert "ran 0 cell(s), skipped 3 finished" in again.output
     assert (out / "federated-eps8-seed0" / "summary.json").stat().st_mtime == mtime
+    # --report-only: a cell not run yet (ε=4) is left out of the table, and nothing runs
+    report = CliRunner().invoke(app, [*args[:2], "4,8,inf", *args[3:], "--report-only"])
+    assert report.exit_code == 0, report.output
+    assert "ran 0 cell(s), skipped 3 finished, left out 1 unfinished" in report.output
+    assert not (out / "federated-eps4-seed0").exists()
+    with open(out / "sweep.csv") as f:
+        assert [r["epsilon"] for r in csv.DictReader(f)] == ["8", "inf", "inf"]
 
 
 @pytest.mark.slow
