@@ -192,8 +192,7 @@ class Recommender(nn.Module):
         """Install a (DP) log-popularity prior, (N,), as the base of every score; its weight
         then trains with the item bias (so the trainable state changes: install the prior
         before taking the state that travels)."""
-        with torch.no_grad():
-            self.prior.copy_(torch.as_tensor(log_popularity, dtype=torch.float32))
+        self.prior.copy_(torch.as_tensor(log_popularity, dtype=torch.float32))
         self._set_trainable()
 
     @torch.no_grad()
