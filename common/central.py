@@ -1,7 +1,7 @@
 """Server-side work that is not Flower glue: central evaluation, per-site privacy
 tracking, per-round records, checkpoints and the final summary.
 
-Output directory layout (DESIGN.md): ``metrics.jsonl`` (one line per round),
+Output directory layout (the README's "What a run leaves on disk"): ``metrics.jsonl`` (one line per round),
 ``summary.json`` (written last: its presence means the run completed),
 ``adapter/`` (global adapter, PEFT format), ``checkpoint/`` (resume point).
 """
@@ -31,7 +31,7 @@ class CentralEvaluator:
     """Scores every user's (or a seeded sample of users') held-out item, full ranking.
 
     In simulation the server may read every user's split (a simulation convenience,
-    stated in DESIGN.md); in deployment it evaluates on a server-side dataset.
+    stated in docs/DESIGN.md, "Evaluation protocol"); in deployment it evaluates on a server-side dataset.
     """
 
     def __init__(self, settings: Settings):

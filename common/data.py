@@ -1,6 +1,6 @@
 """Datasets: read, preprocess into per-user sequences, split leave-one-out.
 
-Three sources (see DESIGN.md, "Evaluation protocol"):
+Three sources (preprocessing and split: docs/DESIGN.md, "Evaluation protocol"):
 
 - ``movietweetings``: the MovieTweetings 100K snapshot shipped in
   ``common/datasets/movietweetings`` (the default; works offline);

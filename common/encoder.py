@@ -35,7 +35,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class LoraSettings:
-    rank: int = 4  # small: every LoRA parameter pays DP noise (DESIGN.md, prototype)
+    rank: int = 4  # small: every LoRA parameter pays DP noise (docs/DESIGN.md, "Why this shape")
     alpha: float = 8.0
     dropout: float = 0.0  # dropout adds variance that DP already has plenty of
     layers: int = 1  # LoRA only in the top k layers: cheaper steps and fewer noisy parameters

@@ -1,7 +1,7 @@
 """A differentially private popularity prior: the base the model learns a residual over.
 
 With ~1,000 users per federation, DP noise swamps every extra trainable parameter, and
-most-popular is a strong baseline (DESIGN.md, prototype). Item counts are cheap to
+most-popular is a strong baseline (docs/DESIGN.md, "Why this shape"). Item counts are cheap to
 release privately: each user contributes a 0/1 vector over their (at most ``cap``) most
 recent training items, so one user moves the count vector by at most √cap in L2, and
 one Gaussian release with noise multiplier σ (std σ√cap) is one step of the sampled

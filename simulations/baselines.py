@@ -1,5 +1,5 @@
 """Baselines on the federated run's split and evaluation: ``popularity``, ``zeroshot``,
-``centralized`` and ``local`` (DESIGN.md, "Evaluation protocol").
+``centralized`` and ``local`` (docs/DESIGN.md, "Evaluation protocol").
 
 Each function only assembles library code: the data, split, model and full-ranking
 central evaluation are :class:`common.central.CentralEvaluator`'s, training is

@@ -1,6 +1,6 @@
 """``fedenc deploy``: run fedenc across partner sites on a real Flower SuperLink.
 
-What each machine runs (see ``deploy/README.md`` for the exact commands):
+What each machine runs (the README's "Deploy across sites" has the exact commands):
 
 - the operator (server machine): ``fedenc deploy certs`` (a CA and the SuperLink's TLS
   certificate), ``fedenc deploy superlink`` (``flower-superlink`` with TLS and

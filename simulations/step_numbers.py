@@ -2,7 +2,7 @@
 
     python -m simulations.step_numbers --out step_numbers.json
 
-Measures on CPU with one torch thread (one per simulated client process, DESIGN.md):
+Measures on CPU with one torch thread (one per simulated client process, docs/DESIGN.md, "Processes"):
 the median step time (forward, backward, optimizer step; under DP also per-user
 clipping and noise) over fixed batches of users with cached lower-layer states, the
 DP / non-DP ratio, peak RSS, trainable vs total parameters, and the bytes of one

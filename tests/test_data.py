@@ -187,6 +187,21 @@ def test_movielens_100k_counts(ml100k_dir):
     assert sum(map(len, sites)) == 943
 
 
+def test_ml100k_config_with_the_shared_copy(ml100k_dir):
+    """configs/ml100k.toml names the folder a user downloads to; tests point it at the shared copy."""
+    from pathlib import Path
+
+    from common.config import Settings, load_config_file
+
+    config = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "ml100k.toml")
+    assert config["data-path"] == "data/ml-100k"  # inside the project, where its comment says to unzip
+    settings = Settings.from_config(config | {"data-path": str(ml100k_dir)})
+    data = load(settings.data)
+    assert len(data.user_ids) == 943
+    sites = partition_users(data, settings.num_sites, settings["partition"], column=settings["partition-column"])
+    assert len(sites) == 10 and all(len(s) > 0 for s in sites)
+
+
 # --- bad input: one clear message, non-zero exit ---------------------------------------------
 
 

@@ -84,7 +84,7 @@ def test_per_sample_gradients_match_one_user_at_a_time(
     request, movietweetings, toy_split, encoder, ffa, mode, dtype
 ):
     """Opacus' per-sample gradient of every trainable parameter equals the gradient of that
-    user's own loss computed alone (DESIGN.md, privacy model; guards Opacus issue #820)."""
+    user's own loss computed alone (docs/DESIGN.md, "Privacy model"; guards Opacus issue #820)."""
     if encoder == "bert":  # real catalogue (10k items), lower layers cached
         model = make(request.getfixturevalue("tiny_bert"), movietweetings[0].catalogue.texts,
                      LoraSettings(ffa=ffa), train_projection=True, learn_logit_scale=True)
