@@ -22,7 +22,7 @@ from .adapter import load_trainable_state, save_adapter, state_bytes, trainable_
 from .config import Settings
 from .examples import EvalRows, evaluation_rows
 from .site import dataset, shared_model
-from .training import rank_of_targets, ranking_metrics, resolve_device, with_lower_states
+from .training import rank_of_targets, rankable_items, ranking_metrics, resolve_device, with_lower_states
 
 CHECKPOINT = "checkpoint"
 
@@ -34,10 +34,12 @@ class CentralEvaluator:
     stated in docs/DESIGN.md, "Evaluation protocol"); in deployment it evaluates on a server-side dataset.
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, model=None):
+        """``model``: score this model (e.g. one restored from a run folder) instead of the
+        process's shared one."""
         self.settings = settings
         self.data, self.split = dataset(settings.data)
-        self.model = shared_model(settings, self.data)
+        self.model = shared_model(settings, self.data) if model is None else model
         self.device = resolve_device(settings.train.device)
         users = np.arange(len(self.data.user_ids))
         n = settings["eval-users"]
@@ -45,6 +47,7 @@ class CentralEvaluator:
             users = np.sort(np.random.default_rng(settings["seed"]).choice(users, n, replace=False))
         self.users = users
         self.rows = {which: self._rows(which) for which in ("valid", "test")}
+        self.rankable = {which: rankable_items(rows, len(self.data.catalogue)) for which, rows in self.rows.items()}
         self.cold = self._cold_start_mask()
 
     def _rows(self, which: str) -> EvalRows:
@@ -71,10 +74,11 @@ class CentralEvaluator:
         ``self.users`` order. ``cold/…``: test users whose test item is in no training history."""
         out = {}
         for which, (ranks, loss) in ranked.items():
-            for k, v in (ranking_metrics(ranks) | {"loss": loss, "users": int(len(ranks))}).items():
+            for k, v in (ranking_metrics(ranks, rankable=self.rankable[which]) | {"loss": loss, "users": int(len(ranks))}).items():
                 out[f"{which}/{k}"] = v
         cold = ranked["test"][0][self.cold]
-        out |= {f"cold/{k}": v for k, v in ranking_metrics(cold).items()} | {"cold/users": int(self.cold.sum())}
+        cold_metrics = ranking_metrics(cold, rankable=self.rankable["test"][self.cold])
+        out |= {f"cold/{k}": v for k, v in cold_metrics.items()} | {"cold/users": int(self.cold.sum())}
         return out
 
 

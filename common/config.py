@@ -76,6 +76,12 @@ KEYS: dict[str, Key] = {
     "device": Key("auto", "auto | cpu | cuda | cuda:N"),
     "transport-fp16": Key(False, "send adapter updates as fp16 (half the bytes)"),
     "grad-sample-mode": Key("hooks", "Opacus per-sample gradients", ("hooks", "functorch", "ew")),
+    # -- partner sites that fail (server/strategy.py): failures are recorded, not fatal
+    "min-sites": Key(1, "fewest valid site updates for a round to count (fewer: round skipped, model kept)", minimum=1),
+    "max-failed-rounds": Key(3, "skipped rounds in a row after which the run fails", minimum=1),
+    "round-timeout": Key(3600.0, "seconds to wait for the sites' replies to one message", minimum=1),
+    "wait-for-sites": Key(300.0, "seconds to wait for enough sites to connect, then fail naming the missing", minimum=0),
+    "max-update-norm": Key(0.0, "L2 bound on a site's update; larger ones are rejected (0 = derived from the Adam schedule)", minimum=0),
     # -- privacy
     "epsilon": Key(8.0, "per-site ε budget over the run; inf = no DP", minimum=0),
     "delta": Key(0.0, "δ; 0 = 1/(10 × site users)", minimum=0),
@@ -174,6 +180,10 @@ class Settings:
     def _build(cls, v: dict) -> Settings:
         if v["epsilon"] == 0:
             raise ConfigError("epsilon: must be > 0 (use inf for no DP)")
+        if v["fraction-train"] <= 0:
+            raise ConfigError(f"fraction-train: must be > 0 (a round with no site trains nothing), got {v['fraction-train']}")
+        if v["min-sites"] > v["num-sites"]:
+            raise ConfigError(f"min-sites: {v['min-sites']} is more than num-sites ({v['num-sites']})")
         if v["popularity-prior"] >= 1:
             raise ConfigError(f"popularity-prior: a share of the budget in [0, 1), got {v['popularity-prior']}")
         if v["delta"] >= 1:

@@ -223,11 +223,20 @@ def rank_of_targets(model, rows: EvalRows, device, batch_size: int = 256) -> tup
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64), sum(losses) / n
 
 
-def ranking_metrics(ranks: np.ndarray, ks=(10, 20)) -> dict[str, float]:
-    """HR@k, NDCG@k = 1/log2(rank+2), MRR@k = 1/(rank+1), ranks counted from 0.
+def ranking_metrics(ranks: np.ndarray, ks=(10, 20), rankable=None) -> dict[str, float]:
+    """HR@k, NDCG@k = 1/log2(rank+2), MRR@k = 1/(rank+1) and recall@k, ranks counted from 0;
+    with ``rankable``, also the full-ranking ``auc``.
 
-    >>> ranking_metrics(np.array([0, 1, 30]), ks=(10,))["hr@10"]
-    0.6666666666666666
+    Leave-one-out holds out ONE item per user, so recall@k (held-out items in the top k over
+    held-out items) equals HR@k; it is reported under both names for users of other toolkits.
+    ``rankable`` is the number of items each held-out item was ranked among (a number, or one
+    per user: the catalogue less the user's excluded history, :func:`rankable_items`). A
+    user's AUC is 1 − rank / (rankable − 1), the share of the other rankable items scored
+    below the held-out one; ``auc`` is its mean over users.
+
+    >>> m = ranking_metrics(np.array([0, 1, 30]), ks=(10,), rankable=101)
+    >>> m["hr@10"], m["recall@10"], round(m["auc"], 4)
+    (0.6666666666666666, 0.6666666666666666, 0.8967)
     """
     out = {}
     for k in ks:
@@ -235,7 +244,26 @@ def ranking_metrics(ranks: np.ndarray, ks=(10, 20)) -> dict[str, float]:
         out[f"hr@{k}"] = float(hit.mean()) if len(ranks) else 0.0
         out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2), 0.0).mean()) if len(ranks) else 0.0
         out[f"mrr@{k}"] = float(np.where(hit, 1.0 / (ranks + 1), 0.0).mean()) if len(ranks) else 0.0
+        out[f"recall@{k}"] = out[f"hr@{k}"]
+    if rankable is not None:
+        rankable = np.broadcast_to(np.asarray(rankable), np.shape(ranks))
+        if (ranks >= rankable).any():
+            raise ValueError("a rank is not below the number of rankable items")
+        # one rankable item (nothing to compare with) counts as ranked on top
+        out["auc"] = float((1.0 - ranks / np.maximum(rankable - 1, 1)).mean()) if len(ranks) else 0.0
     return out
+
+
+def rankable_items(rows: EvalRows, num_items: int) -> np.ndarray:
+    """How many items each row's held-out item is ranked among by :func:`rank_of_targets`:
+    the catalogue less the row's excluded history (the held-out item itself always stays in).
+
+    >>> rows = EvalRows(TensorDataset(torch.tensor([[3], [1]])), [np.array([1, 2]), np.array([1, 2, 2])])
+    >>> rankable_items(rows, 10).tolist()
+    [8, 9]
+    """
+    targets = rows.dataset.tensors[-1][:, 0].numpy()
+    return np.array([num_items - np.setdiff1d(seen, [t]).size for seen, t in zip(rows.exclude, targets)], dtype=np.int64)
 
 
 def evaluate(model, rows: EvalRows, device="cpu", ks=(10, 20)) -> dict[str, float]:
