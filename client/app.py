@@ -1,22 +1,22 @@
 """fedenc ClientApp: turns Flower messages into calls on :class:`common.site.Site`.
 
-Where a site's data comes from:
+Where a site's data and policy come from (:mod:`client.node`):
 - simulation: the run's dataset, partitioned; this node is ``partition-id`` of
-  ``num-partitions`` (set by Flower's simulation engine);
-- deployment: node config ``data-path`` (and optionally ``items-path``, ``dataset``,
-  ``site-id``, ``ledger-path``, ``epsilon-budget``) given to ``flower-supernode
-  --node-config``; every user in the site's files belongs to the site.
-The site keeps its privacy ledger itself (``ledger-path``, else ``ledger-dir`` of the
-run, else ``context.state``) and refuses rounds past its budget, whatever the server asks;
-a site with fewer users than one expected DP batch sits DP training out (still counted in
-the popularity prior).
+  ``num-partitions``; the run config plays the site's part (its ``epsilon`` and ``delta``
+  are the site's policy, its ``ledger-dir`` holds the site's ledger);
+- deployment: the SuperNode's node config (``data-path``, ``site-id``, ``epsilon-budget``,
+  ``ledger-path``, ...). The run config is only a request: the site grants the tighter of
+  the two, refuses a run without DP unless ``allow-non-private``, keeps its own ledger and
+  refuses any release past its budget, whatever the server asks.
+Under DP nothing leaves a site but DP releases charged to its ledger and the few facts
+listed in the README's "What leaves a site".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,34 +25,84 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client.kept import KeptReplies
+from client.node import NodeConfig
 from common.config import Settings
-from common.privacy import BudgetExhausted
+from common.ledger import PrivacyLedger
+from common.privacy import BudgetExhausted, PolicyRefused, PrivacyError, PrivacySettings, SitePolicy
 from common.site import Site
 from common.transport import from_array_record, to_array_record
 
 app = ClientApp()
-_LEDGER_KEY = "fedenc-ledger"
+_LEDGER_KEY = "fedenc-ledger"  # the ledger in Flower's node state when no ledger-dir is set
 
 
-def _open_site(context: Context) -> tuple[Site, int, float]:
+class Refusal(Exception):
+    """The site declines this request (the reason travels back; nothing was released)."""
+
+
+def _open(context: Context) -> tuple[Site, NodeConfig, SitePolicy]:
     settings = Settings.from_config(context.run_config)
-    node = context.node_config
-    torch.set_num_threads(int(node.get("torch-threads", 1)))  # one thread per simulated site
-    budget = float(node.get("epsilon-budget", settings.privacy.epsilon))  # the site's word wins
-    if "data-path" in node:  # deployment: the site's own files
-        spec = replace(  # the run's text and filter settings, the site's own files
-            settings.data,
-            dataset=str(node.get("dataset", "csv")),
-            data_path=str(node["data-path"]),
-            items_path=str(node["items-path"]) if "items-path" in node else None,
+    node = NodeConfig.parse(context.node_config)
+    torch.set_num_threads(node.torch_threads)
+    if node.deployed:  # the site's own files, filtered and rendered as the run asks
+        spec = replace(settings.data, dataset=node.dataset, data_path=node.data_path, items_path=node.items_path)
+        return Site.open(settings, node.site_id, 1, spec), node, node.policy
+    node = node.with_simulation_storage(settings["ledger-dir"])
+    policy = SitePolicy(settings.privacy.epsilon, settings.privacy.delta, allow_non_private=True)
+    return Site.open(settings, *node.partition), node, policy
+
+
+def _grant(site: Site, policy: SitePolicy, config) -> PrivacySettings:
+    """What this request gets here: the site's policy tightens the run's request."""
+    catalogue = config.get("catalogue") if config is not None else None
+    if catalogue is not None and catalogue != site.data.catalogue.fingerprint():
+        raise Refusal(
+            f"{site.name}: its catalogue ({len(site.data.catalogue)} items) differs from the server's "
+            "(item ids, order or texts); refusing before any training or release"
         )
-        site_id = int(node.get("site-id", 0))
-        ledger = node.get("ledger-path") or str(Path(str(node["data-path"])).parent / f"fedenc-ledger-{site_id}.json")
-        return Site.open(settings, site_id, 1, spec, ledger), site_id, budget
-    site_id, num_sites = int(node["partition-id"]), int(node["num-partitions"])
-    ledger_dir = settings["ledger-dir"]
-    ledger = Path(ledger_dir) / f"site-{site_id}.json" if ledger_dir else None
-    return Site.open(settings, site_id, num_sites, None, ledger), site_id, budget
+    try:
+        return policy.grant(site.settings.privacy, len(site.users))
+    except PolicyRefused as why:
+        raise Refusal(f"{site.name}: {why}") from None
+
+
+@contextlib.contextmanager
+def _ledger(site: Site, node: NodeConfig, policy: SitePolicy, privacy: PrivacySettings, context: Context, run: str):
+    """The site's ledger, locked for the whole request (check, train, record)."""
+    delta = privacy.delta_for(len(site.users))
+    budget, accountant = policy.budget, privacy.accountant
+    if node.ledger_path is None:  # `flwr run .` without ledger-dir: Flower's node state
+        saved = context.state.config_records.get(_LEDGER_KEY)
+        ledger = (PrivacyLedger.from_state(json.loads(saved["json"]), node.name) if saved
+                  else PrivacyLedger.open(None, node.name, budget, delta, accountant))
+        ledger.run = run
+        yield ledger
+        context.state.config_records[_LEDGER_KEY] = ConfigRecord({"json": json.dumps(ledger.state())})
+        return
+    try:
+        held = PrivacyLedger.hold(node.ledger_path, node.name, budget, delta, accountant, node.marker)
+        ledger = held.__enter__()
+    except PrivacyError as why:  # missing, moved, rolled back or corrupt: fail closed
+        raise Refusal(f"{node.name}: {why}") from None
+    try:
+        ledger.run = run
+        yield ledger
+    finally:
+        held.__exit__(None, None, None)
+
+
+def _facts(node: NodeConfig, ledger: PrivacyLedger | None) -> dict:
+    """What a site says about its privacy with every reply (README, "What leaves a site")."""
+    if ledger is None:
+        return {"site": node.site_id, "epsilon": 0.0, "budget": 0.0, "delta": 0.0}
+    return {"site": node.site_id, "epsilon": ledger.epsilon(), "budget": ledger.budget, "delta": ledger.delta}
+
+
+def _reply(msg: Message, records: dict, metrics: dict, reason: str = "", accountant: str = "") -> Message:
+    report = ConfigRecord({"reason": reason, "accountant": accountant})
+    metrics = {"refused": int(bool(reason)), "unit-weight": 1} | metrics
+    return Message(content=RecordDict(records | {"metrics": MetricRecord(metrics), "report": report}), reply_to=msg)
 
 
 def central_dp_clipping(msg: Message, context: Context, call_next) -> Message:
@@ -62,11 +112,6 @@ def central_dp_clipping(msg: Message, context: Context, call_next) -> Message:
     if config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
-
-
-def _ledger(site: Site, budget: float, context: Context):
-    saved = context.state.config_records.get(_LEDGER_KEY)
-    return site.ledger(budget, saved["json"] if saved else None)
 
 
 def _install_prior(site: Site, msg: Message) -> None:
@@ -79,55 +124,67 @@ def _install_prior(site: Site, msg: Message) -> None:
 @app.query("counts")
 def counts(msg: Message, context: Context) -> Message:
     """Release this site's item counts for the popularity prior, charged to its ledger."""
-    site, site_id, budget = _open_site(context)
-    ledger = _ledger(site, budget, context) if site.settings.private else None
+    site, node, policy = _open(context)
+    config = msg.content.config_records.get("config")
+    zeros = ArrayRecord({"counts": Array(np.zeros(len(site.data.catalogue), dtype=np.float32))})
     try:
-        released, refused = site.release_counts(ledger), 0
-    except BudgetExhausted:
-        released, refused = np.zeros(len(site.data.catalogue)), 1
-    if ledger is not None:
-        context.state.config_records[_LEDGER_KEY] = ConfigRecord({"json": json.dumps(ledger.state())})
-    metrics = MetricRecord({"site": site_id, "refused": refused, "epsilon": float(ledger.epsilon()) if ledger else 0.0})
-    content = RecordDict({"counts": ArrayRecord({"counts": Array(released.astype(np.float32))}), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+        privacy = _grant(site, policy, config)
+        with _ledger(site, node, policy, privacy, context, str(config.get("run-token", "")) if config else "") as ledger:
+            try:
+                released = site.release_counts(ledger, privacy)
+            except BudgetExhausted as why:
+                return _reply(msg, {"counts": zeros}, _facts(node, ledger), str(why), ledger.accountant)
+            record = ArrayRecord({"counts": Array(released.astype(np.float32))})
+            return _reply(msg, {"counts": record}, _facts(node, ledger), accountant=ledger.accountant)
+    except Refusal as why:
+        return _reply(msg, {"counts": zeros}, {"site": node.site_id}, str(why))
 
 
 @app.train(mods=[central_dp_clipping])
 def train(msg: Message, context: Context) -> Message:
-    """Train one round on this site's users under user-level DP."""
-    site, site_id, budget = _open_site(context)
+    """Train one round on this site's users under user-level DP (or send the kept update
+    of a round already paid for)."""
+    site, node, policy = _open(context)
     config = msg.content["config"]
-    state = from_array_record(msg.content["arrays"])
-    _install_prior(site, msg)
-    ledger = _ledger(site, budget, context)
-    new_state, metrics = site.train(state, ledger, planned_rounds=int(config["num-rounds"]))  # may refuse
-    context.state.config_records[_LEDGER_KEY] = ConfigRecord({"json": json.dumps(ledger.state())})
-    reply = MetricRecord(
-        {
-            "num-examples": int(metrics["num-examples"]),
-            "train_loss": float(metrics["train_loss"]),
-            "steps": int(metrics["steps"]),
-            "seconds": float(metrics["seconds"]),
-            "site": site_id,
-            "unit-weight": 1,  # central DP averages sites unweighted
-            "refused": int(metrics["refused"]),
-            "epsilon": float(ledger.epsilon()),
-            "delta": float(ledger.delta),
-            "budget": float(budget),
-            "noise_multiplier": float(ledger.noise_multiplier or 0.0),
-            "sample_rate": float(metrics.get("sample_rate", 0.0)),
-        }
-    )
-    accountant = ConfigRecord({"json": json.dumps(ledger.state())})
-    content = RecordDict({"arrays": to_array_record(new_state, fp16=site.settings["transport-fp16"]), "metrics": reply, "accountant": accountant})
-    return Message(content=content, reply_to=msg)
+    token = str(config.get("run-token", ""))
+    run_round = int(config.get("run-round", config.get("server-round", 0)))
+    fp16 = site.settings["transport-fp16"]
+    try:
+        privacy = _grant(site, policy, config)
+        kept = KeptReplies(node.kept)
+        again = kept.get(token, run_round)
+        if again is not None:  # a retry or a resume: the same release, nothing new spent
+            state, metrics = again
+            return _reply(msg, {"arrays": to_array_record(state, fp16=fp16)}, metrics, accountant=privacy.accountant)
+        _install_prior(site, msg)
+        rounds_left = max(1, int(config["num-rounds"]) - run_round + 1)
+        with _ledger(site, node, policy, privacy, context, token) as ledger:
+            new_state, result = site.train(from_array_record(msg.content["arrays"]), ledger, privacy, rounds_left)
+            metrics = _facts(node, ledger) | {"steps": int(result["steps"])}
+            if result["refused"]:
+                return _reply(msg, {"arrays": msg.content["arrays"]}, metrics, result["reason"], ledger.accountant)
+            if not privacy.private:  # exact statistics leave only a site whose policy allows a non-private run
+                metrics |= {"train_loss": float(result["train_loss"]), "num-examples": int(result["num-examples"]),
+                            "seconds": float(result["seconds"])}
+            kept.put(token, run_round, new_state, metrics)  # after the ledger recorded the round
+    except Refusal as why:
+        return _reply(msg, {"arrays": msg.content["arrays"]}, {"site": node.site_id}, str(why))
+    return _reply(msg, {"arrays": to_array_record(new_state, fp16=fp16)}, metrics, accountant=ledger.accountant)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Federated evaluation of the global model on this site's own validation users."""
-    site, site_id, _ = _open_site(context)
+    """Federated evaluation on this site's validation users: exact statistics are not a DP
+    release, so a site serves it only when its policy granted a non-private run."""
+    site, node, policy = _open(context)
+    try:
+        privacy = _grant(site, policy, msg.content.config_records.get("config"))
+    except Refusal as why:
+        return _reply(msg, {}, {"site": node.site_id}, str(why))
+    if privacy.private:
+        return _reply(msg, {}, {"site": node.site_id}, f"{site.name}: federated evaluation is not a DP release; "
+                                                        "this site serves it only to non-private runs")
     _install_prior(site, msg)
     metrics = site.evaluate(from_array_record(msg.content["arrays"]))
-    reply = MetricRecord({"num-examples": int(metrics["users"]), "unit-weight": 1, "site": site_id} | {k: float(metrics[k]) for k in ("hr@10", "ndcg@10", "mrr@10", "loss")})
-    return Message(content=RecordDict({"metrics": reply}), reply_to=msg)
+    stats = {k: float(metrics[k]) for k in ("hr@10", "ndcg@10", "mrr@10", "loss")}
+    return _reply(msg, {}, {"site": node.site_id, "num-examples": int(metrics["users"])} | stats)

@@ -14,22 +14,24 @@ from __future__ import annotations
 import numpy as np
 
 from .data import Split
-from .privacy import BudgetExhausted, PrivacyLedger, calibrate_noise
+from .ledger import PrivacyLedger
+from .privacy import BudgetExhausted, calibrate_noise
 
 
-def count_noise(share: float, ledger: PrivacyLedger) -> float:
-    """Noise multiplier for one count release that spends ``share`` of what is left of the
-    ledger's budget (a later run on the same data, at a raised budget, pays again from
-    what it has left; a fresh site spends ``share × budget``).
+def count_noise(share: float, ledger: PrivacyLedger, ceiling: float | None = None) -> float:
+    """Noise multiplier for one count release that spends ``share`` of what is left below
+    ``ceiling`` (the run's ε, at most the ledger's budget): a later run at a raised budget
+    pays again from what it has left; a fresh site spends ``share × budget``.
 
-    >>> ledger = PrivacyLedger.open(None, "fp", budget=8.0, delta=1e-4)
+    >>> ledger = PrivacyLedger.open(None, "site-0", budget=8.0, delta=1e-4)
     >>> round(count_noise(0.1, ledger), 2) > 1
     True
     """
+    ceiling = ledger.budget if ceiling is None else min(ceiling, ledger.budget)
     spent = ledger.epsilon()
-    if spent >= ledger.budget:
-        raise BudgetExhausted(f"site budget ε={ledger.budget:g} is spent: no room for the popularity prior's count release")
-    target = spent + share * (ledger.budget - spent)
+    if spent >= ceiling:
+        raise BudgetExhausted(f"site budget ε={ceiling:g} is spent: no room for the popularity prior's count release")
+    target = spent + share * (ceiling - spent)
     return calibrate_noise(target, ledger.delta, 1.0, 1, ledger.history, ledger.accountant)
 
 
@@ -55,17 +57,17 @@ def noisy_item_counts(split: Split, users, cap: int, noise_multiplier: float) ->
     return counts
 
 
-def release_counts(split: Split, users, cap: int, share: float, ledger: PrivacyLedger | None) -> np.ndarray:
+def release_counts(
+    split: Split, users, cap: int, share: float, ledger: PrivacyLedger | None, ceiling: float | None = None
+) -> np.ndarray:
     """The site's count release: charged to its ledger before anything leaves the site.
 
-    ``ledger`` None means a non-private run: exact counts.
+    ``ledger`` None means a non-private run the site's policy allows: exact counts.
     """
     if ledger is None:
         return item_counts(split, users, cap)
-    sigma = count_noise(share, ledger)
-    ledger.check(sigma, 1.0, 1)
-    ledger.history = ledger.history + [(sigma, 1.0, 1)]
-    ledger.save()
+    sigma = count_noise(share, ledger, ceiling)
+    ledger.charge("counts", [(sigma, 1.0, 1)])  # checked against the budget, persisted, then released
     return noisy_item_counts(split, users, cap, sigma)
 
 

@@ -1,21 +1,16 @@
-"""User-level differential privacy: accounting, calibration and the site's budget ledger.
+"""User-level differential privacy: accounting, calibration and the site's policy.
 
 Pure functions over Opacus' accountants (a history of ``(noise_multiplier,
-sample_rate, steps)`` entries), and one small stateful wrapper, :class:`PrivacyLedger`,
-that a site keeps on its own disk. The ledger is the single source of truth for what
-a site has spent on a dataset: every round of every run appends to it, so ε composes
-across rounds and restarts, and a site refuses a round that would cross its budget
-whatever the server asks.
+sample_rate, steps)`` entries); what a run asks for (:class:`PrivacySettings`) and what
+a site allows (:class:`SitePolicy`, from the site's own configuration). What a site has
+spent lives in its ledger (:mod:`common.ledger`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
@@ -31,6 +26,10 @@ class PrivacyError(ValueError):
     """A user-facing problem with the privacy settings."""
 
 
+class PolicyRefused(PrivacyError):
+    """The run asks for more than the site's policy allows (e.g. no DP at a DP-only site)."""
+
+
 class TooFewUsers(PrivacyError):
     """The site has fewer users than one expected DP batch: it sits out DP training
     (its update would be noise), but still belongs to the federation."""
@@ -39,7 +38,7 @@ class TooFewUsers(PrivacyError):
 @dataclass(frozen=True)
 class PrivacySettings:
     epsilon: float = 8.0  # target ε per site over the whole run (math.inf: no DP)
-    delta: float | None = None  # None: 1 / (10 × site users), below 1/n as DP requires
+    delta: float | None = None  # None: site_delta(site users), below 1/n as DP requires
     max_grad_norm: float = 1.0  # per-user clipping bound C
     accountant: str = "rdp"  # rdp: monotone and stable; restored histories give identical ε
     expected_batch: int = 64  # expected users per Poisson batch: larger batches, less relative noise
@@ -61,8 +60,8 @@ class PrivacySettings:
         return math.isfinite(self.epsilon)
 
     def delta_for(self, num_users: int) -> float:
-        """δ for a site of ``num_users`` users: the setting, or 1/(10 n)."""
-        return self.delta if self.delta is not None else 1.0 / (10 * max(num_users, 1))
+        """δ for a site of ``num_users`` users: the setting, or :func:`site_delta`."""
+        return self.delta if self.delta is not None else site_delta(num_users)
 
 
 def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> float:
@@ -132,104 +131,47 @@ def calibrate_noise(
     return high
 
 
-@dataclass
-class PrivacyLedger:
-    """What one site has spent on one dataset, persisted at the site.
+def site_delta(num_users: int) -> float:
+    """δ a site uses by default: 1/(10 n), rounded down to a power of ten, so that the δ
+    (and the ε reported at it) tells the server the site's size only to a factor of ten.
 
-    >>> ledger = PrivacyLedger.open(None, "fp", budget=8.0, delta=1e-5)
-    >>> ledger.record([(1.0, 0.01, 100)]); ledger.epsilon() > 0
-    True
+    >>> site_delta(943), site_delta(5), site_delta(10_000)
+    (0.0001, 0.01, 1e-05)
+    """
+    return 10.0 ** -math.ceil(math.log10(10 * max(num_users, 1)))
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What a site allows its users' data to be used for, from the site's own configuration
+    (node config in deployment; the run config plays the site in simulation).
+
+    A run's privacy settings are a request: :meth:`grant` can only tighten them.
+
+    >>> policy = SitePolicy(budget=8.0)
+    >>> policy.grant(PrivacySettings(epsilon=100.0, delta=0.5), num_users=943).epsilon
+    8.0
     """
 
-    fingerprint: str
-    budget: float
-    delta: float
-    accountant: str = "rdp"
-    history: History = field(default_factory=list)
-    rounds: int = 0
-    noise_multiplier: float | None = None  # calibrated once for the planned schedule, then kept
-    path: Path | None = None
+    budget: float  # the most ε the site's ledger may ever hold
+    delta: float | None = None  # a cap on δ; None: site_delta(n)
+    allow_non_private: bool = False  # serve runs that ask for no DP (exact releases)
 
-    @classmethod
-    def open(cls, path: str | Path | None, fingerprint: str, budget: float, delta: float, accountant: str = "rdp"):
-        """Load the entry for ``fingerprint`` from the JSON file at ``path`` (or start one).
+    def __post_init__(self):
+        if not self.budget > 0:
+            raise PrivacyError(f"epsilon-budget must be > 0, got {self.budget}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise PrivacyError(f"delta must be in (0, 1), got {self.delta}")
 
-        A dataset keeps the δ and accountant it was first accounted with: ε at two δs
-        does not compose.
+    def grant(self, request: PrivacySettings, num_users: int) -> PrivacySettings:
+        """The privacy a run gets at this site: the tighter of the request and the policy.
+
+        Raises :class:`PolicyRefused` when the run asks for no DP and the site does not allow it.
         """
-        path = Path(path) if path else None
-        entry = _read(path).get(fingerprint) if path else None
-        if entry is None:
-            return cls(fingerprint, budget, delta, accountant, path=path)
-        return cls(
-            fingerprint,
-            budget,
-            float(entry["delta"]),
-            entry["accountant"],
-            [tuple(h) for h in entry["history"]],
-            int(entry["rounds"]),
-            entry.get("noise_multiplier"),
-            path,
-        )
-
-    def epsilon(self, extra: History = ()) -> float:
-        # Merged exactly as record() stores it, so check() and the recorded ε agree to the bit
-        # (v·33 + v·11 and v·44 can differ in the last place, enough to refuse a round at the budget).
-        history = _merge(self.history + [(float(s), float(q), int(n)) for s, q, n in extra])
-        return epsilon_spent(history, self.delta, self.accountant)
-
-    def check(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """ε after the proposed round; raises :class:`BudgetExhausted` if over budget."""
-        after = self.epsilon([(noise_multiplier, sample_rate, steps)])
-        if after > self.budget:
-            raise BudgetExhausted(
-                f"site budget ε={self.budget:g} reached: spent {self.epsilon():.4g}, "
-                f"the next round would make it {after:.4g}"
-            )
-        return after
-
-    def record(self, history: History) -> None:
-        """Append a round's accountant history and persist it atomically."""
-        self.history = _merge(self.history + [(float(s), float(q), int(n)) for s, q, n in history])
-        self.rounds += 1
-        self.save()
-
-    def state(self) -> dict:
-        return {
-            "delta": self.delta,
-            "accountant": self.accountant,
-            "history": [list(h) for h in self.history],
-            "rounds": self.rounds,
-            "noise_multiplier": self.noise_multiplier,
-            "budget": self.budget,
-        }
-
-    def save(self) -> None:
-        if self.path is None:
-            return
-        data = _read(self.path)
-        data[self.fingerprint] = self.state()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.path)  # atomic: a crash never leaves half a ledger
-
-
-def _merge(history: History) -> History:
-    """Join neighbouring entries with equal (σ, q), as Opacus' own accountant does."""
-    out: History = []
-    for s, q, n in history:
-        if out and out[-1][0] == s and out[-1][1] == q:
-            out[-1] = (s, q, out[-1][2] + n)
-        else:
-            out.append((s, q, n))
-    return out
-
-
-def _read(path: Path | None) -> dict:
-    if path is None or not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PrivacyError(f"privacy ledger {path} is corrupt ({err}); refusing to guess what was spent") from None
+        if not request.private:
+            if not self.allow_non_private:
+                raise PolicyRefused("the run asks for no differential privacy; this site's policy requires it "
+                                    "(allow-non-private = false)")
+            return request
+        deltas = [d for d in (request.delta, self.delta) if d is not None] + [site_delta(num_users)]
+        return replace(request, epsilon=min(request.epsilon, self.budget), delta=min(deltas))

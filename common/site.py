@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +19,8 @@ from .data import DataSpec, Interactions, Split, leave_one_out, load
 from .examples import EvalRows, evaluation_rows, training_rows
 from .model import Recommender
 from .partition import partition_users
-from .privacy import BudgetExhausted, PrivacyLedger, TooFewUsers
+from .ledger import PrivacyLedger
+from .privacy import BudgetExhausted, PrivacySettings, TooFewUsers
 from .training import evaluate, resolve_device, train_local, with_lower_states
 
 _LOCK = threading.Lock()
@@ -73,15 +73,14 @@ class Site:
     split: Split
     users: np.ndarray
     model: Recommender
-    ledger_path: Path | None
     _train_rows: torch.utils.data.TensorDataset | None = None
     _valid_rows: EvalRows | None = None
 
     @classmethod
-    def open(cls, settings: Settings, site: int, num_sites: int, spec: DataSpec | None = None, ledger_path=None):
+    def open(cls, settings: Settings, site: int, num_sites: int, spec: DataSpec | None = None):
         """Simulation (``spec`` None: partition the run's dataset) or deployment (``spec``:
         the site's own files; all their users are the site's)."""
-        key = (json.dumps(settings.values, sort_keys=True), site, num_sites, spec, str(ledger_path))
+        key = (json.dumps(settings.values, sort_keys=True), site, num_sites, spec)
         with _LOCK:
             cached = _SITES.get(key)
         if cached:
@@ -89,14 +88,10 @@ class Site:
         data, split = dataset(spec or settings.data)
         users = np.arange(len(data.user_ids)) if spec else site_users(settings, data, site, num_sites)
         model = shared_model(settings, data)
-        made = cls(f"site-{site}", settings, data, split, users, model, Path(ledger_path) if ledger_path else None)
+        made = cls(f"site-{site}", settings, data, split, users, model)
         with _LOCK:
             _SITES[key] = made
         return made
-
-    @property
-    def fingerprint(self) -> str:
-        return self.data.fingerprint(self.users)
 
     def train_rows(self):
         if self._train_rows is None:
@@ -115,31 +110,25 @@ class Site:
             self._valid_rows = EvalRows(with_lower_states(self.model, rows.dataset), rows.exclude)
         return self._valid_rows
 
-    def ledger(self, budget: float, state_json: str | None = None) -> PrivacyLedger:
-        """The site's ledger: on disk when a path is set, else restored from ``state_json``
-        (Flower's ``context.state``)."""
-        p = self.settings.privacy
-        delta = p.delta_for(len(self.users))
-        ledger = PrivacyLedger.open(self.ledger_path, self.fingerprint, budget, delta, p.accountant)
-        if self.ledger_path is None and state_json:
-            saved = json.loads(state_json)
-            ledger.history = [tuple(h) for h in saved["history"]]
-            ledger.rounds, ledger.noise_multiplier, ledger.delta = saved["rounds"], saved["noise_multiplier"], saved["delta"]
-        return ledger
-
-    def release_counts(self, ledger: PrivacyLedger | None) -> np.ndarray:
-        """This site's item counts for the popularity prior, DP-noised and charged to
-        ``ledger`` (None: a non-private run, exact counts)."""
+    def release_counts(self, ledger: PrivacyLedger, privacy: PrivacySettings) -> np.ndarray:
+        """This site's item counts for the popularity prior: DP-noised and charged to ``ledger``
+        under DP, exact only when the site's policy granted a non-private run."""
         from .prior import release_counts
 
         s = self.settings
-        return release_counts(self.split, self.users, s["prior-cap"], s["popularity-prior"], ledger)
+        if not privacy.private:
+            return release_counts(self.split, self.users, s["prior-cap"], s["popularity-prior"], None)
+        return release_counts(self.split, self.users, s["prior-cap"], s["popularity-prior"], ledger, privacy.epsilon)
 
     def set_prior(self, log_popularity) -> None:
         self.model.set_prior(log_popularity)
 
-    def train(self, state: dict, ledger: PrivacyLedger, planned_rounds: int, progress=None) -> tuple[dict, dict]:
-        """One round of local training: (new state, metrics with ``refused`` 0).
+    def train(
+        self, state: dict, ledger: PrivacyLedger, privacy: PrivacySettings, planned_rounds: int, progress=None
+    ) -> tuple[dict, dict]:
+        """One round of local training under ``privacy`` (what the site's policy granted):
+        (new state, metrics with ``refused`` 0). ``planned_rounds``: rounds left in the run,
+        this one included (the noise is calibrated once for them).
 
         The site refuses the round, and returns ``state`` untouched with ``refused`` 1 and
         nothing spent, when the round would take it past its budget or when it has fewer
@@ -148,7 +137,7 @@ class Site:
         s = self.settings
         try:
             new_state, metrics = train_local(
-                self.model, state, self.train_rows(), s.train, s.privacy,
+                self.model, state, self.train_rows(), s.train, privacy,
                 ledger=ledger, planned_steps=planned_rounds * s.train.local_steps, progress=progress,
             )
         except (BudgetExhausted, TooFewUsers) as why:

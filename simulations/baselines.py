@@ -28,7 +28,8 @@ from common.central import CHECKPOINT, CentralEvaluator, RunRecorder
 from common.config import ConfigError, Settings
 from common.examples import EvalRows, training_rows
 from common.prior import log_prior
-from common.privacy import PrivacyError, PrivacyLedger
+from common.ledger import PrivacyLedger
+from common.privacy import PrivacyError
 from common.site import Site, site_users
 from common.training import rank_of_targets, train_local, with_lower_states
 
@@ -148,7 +149,7 @@ def centralized(settings: Settings, out: str | Path) -> dict:
         evaluator.data.catalogue, evaluator.split, users, model.tokenizer, m.max_tokens, m.max_history,
         settings.train.targets_per_user,
     ))
-    ledger = PrivacyLedger.open(None, evaluator.data.fingerprint(), p.epsilon, p.delta_for(len(users)), p.accountant)
+    ledger = PrivacyLedger.open(None, "pooled", p.epsilon, p.delta_for(len(users)), p.accountant)
     state = evaluator.initial_state()
     if settings["popularity-prior"] > 0:
         state = _install_prior(settings, evaluator, users, ledger if settings.private else None)
@@ -175,10 +176,11 @@ def local(settings: Settings, out: str | Path) -> dict:
     owner = owner[evaluator.users]  # site of each evaluated user, in evaluation order
     initial = evaluator.initial_state()
     sites = [Site.open(settings, i, n) for i in range(n)]
-    ledgers = [s.ledger(settings.privacy.epsilon) for s in sites]
+    p = settings.privacy
+    ledgers = [PrivacyLedger.open(None, s.name, p.epsilon, p.delta_for(len(s.users)), p.accountant) for s in sites]
     priors = None
     if settings["popularity-prior"] > 0:  # each site's own (DP) counts
-        priors = [log_prior(s.release_counts(ledgers[i] if settings.private else None)) for i, s in enumerate(sites)]
+        priors = [log_prior(s.release_counts(ledgers[i], p)) for i, s in enumerate(sites)]
         model.set_prior(priors[0])
         initial = initial | {"prior_weight.weight": np.array(1.0, dtype=np.float32)}
     states = [initial] * n

@@ -31,6 +31,7 @@ from common.adapter import load_trainable_state
 from common.central import CentralEvaluator
 from common.config import Settings
 from common.examples import training_rows
+from common.ledger import PrivacyLedger
 from common.model import Recommender
 from common.site import Site, dataset
 from common.training import with_lower_states
@@ -74,18 +75,19 @@ def bare_loop(settings: Settings) -> tuple[float, dict]:
     state = evaluator.initial_state()
     metrics = evaluator(state)
     sites = [Site.open(settings, i, settings.num_sites) for i in range(settings.num_sites)]
+    p = settings.privacy
     with tempfile.TemporaryDirectory() as ledgers:
         for rnd in range(1, settings.rounds + 1):
-            updates, weights = [], []
+            updates = []
             for site in sites:
-                ledger = replace(site.ledger(settings.privacy.epsilon), path=Path(ledgers) / f"{site.name}.json")
-                new, m = site.train(state, ledger, planned_rounds=settings.rounds)
+                ledger = PrivacyLedger.open(Path(ledgers) / f"{site.name}.json", site.name, p.epsilon,
+                                            p.delta_for(len(site.users)), p.accountant)
+                new, _ = site.train(state, ledger, p, planned_rounds=settings.rounds - rnd + 1)
                 updates.append(new)
-                weights.append(m["num-examples"])
-            total = sum(weights)
-            state = {k: sum(w / total * u[k] for u, w in zip(updates, weights)) for k in state}
-            for site in sites:
-                site.evaluate(state)
+            state = {k: sum(u[k] for u in updates) / len(updates) for k in state}  # sites weigh 1, as in FedAvg here
+            if settings["fraction-evaluate"] > 0 and not settings.private:  # sites evaluate only without DP
+                for site in sites:
+                    site.evaluate(state)
             metrics = evaluator(state)
     return time.perf_counter() - start, metrics
 

@@ -9,7 +9,8 @@ import pytest
 
 from common.data import leave_one_out
 from common.prior import count_noise, item_counts, log_prior, noisy_item_counts, release_counts
-from common.privacy import BudgetExhausted, PrivacyLedger, calibrate_noise, epsilon_spent
+from common.ledger import PrivacyLedger
+from common.privacy import BudgetExhausted, calibrate_noise, epsilon_spent
 
 
 @pytest.fixture
@@ -49,8 +50,9 @@ def test_release_is_charged_to_the_ledger_before_dp_sgd_is_calibrated(split, tmp
 
 
 def test_a_spent_site_refuses_to_release(split):
-    ledger = PrivacyLedger.open(None, "fp", budget=1.0, delta=1e-4)
-    ledger.history = [(0.5, 1.0, 1)]  # already far past ε=1
+    ledger = PrivacyLedger.open(None, "fp", budget=100.0, delta=1e-4)
+    ledger.charge("dp-sgd", [(0.5, 1.0, 1)])
+    ledger.budget = 1.0  # already far past ε=1
     with pytest.raises(BudgetExhausted):
         release_counts(split, range(len(split.train)), cap=20, share=0.1, ledger=ledger)
 
@@ -69,7 +71,7 @@ def test_log_prior_orders_items_by_count_and_is_centred():
 
 def test_a_later_release_pays_on_top_of_what_was_spent():
     ledger = PrivacyLedger.open(None, "fp", budget=16.0, delta=1e-5)
-    ledger.history = [(1.0, 0.05, 200)]  # a previous run's DP-SGD steps
+    ledger.record([(1.0, 0.05, 200)])  # a previous run's DP-SGD steps
     before = ledger.epsilon()
     sigma = count_noise(0.1, ledger)
     after = ledger.epsilon([(sigma, 1.0, 1)])

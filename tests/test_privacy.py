@@ -19,10 +19,10 @@ import common.privacy
 from common.adapter import trainable_state
 from common.examples import training_rows
 from common.model import ModelSettings, Recommender
+from common.ledger import LedgerRefused, PrivacyLedger
 from common.privacy import (
     BudgetExhausted,
     PrivacyError,
-    PrivacyLedger,
     PrivacySettings,
     TooFewUsers,
     calibrate_noise,
@@ -120,22 +120,67 @@ def test_calibrate_noise_refuses_a_spent_budget():
 
 def test_ledger_composes_across_restarts(tmp_path):
     path = tmp_path / "site" / "ledger.json"
-    first = PrivacyLedger.open(path, "data-a", budget=8.0, delta=1e-5)
+    first = PrivacyLedger.open(path, "site-a", budget=8.0, delta=1e-5)
     first.noise_multiplier = 1.3
     first.record([(1.3, 0.05, 10)])
-    # A different dataset in the same file is accounted separately.
-    PrivacyLedger.open(path, "data-b", budget=2.0, delta=1e-4).record([(2.0, 0.1, 5)])
+    first.charge("counts", [(4.0, 1.0, 1)])
 
-    again = PrivacyLedger.open(path, "data-a", budget=8.0, delta=0.5)  # a new δ is ignored
+    again = PrivacyLedger.open(path, "site-a", budget=8.0, delta=0.5)  # a larger δ cannot loosen the ledger
     assert again.delta == 1e-5 and again.rounds == 1 and again.noise_multiplier == 1.3
     again.record([(1.3, 0.05, 10)])
-    third = PrivacyLedger.open(path, "data-a", budget=8.0, delta=1e-5)
+    third = PrivacyLedger.open(path, "site-a", budget=8.0, delta=1e-5)
     assert third.rounds == 2
-    assert third.history == [(1.3, 0.05, 20)]  # neighbouring rounds merge, as Opacus does
-    assert third.epsilon() == pytest.approx(epsilon_spent([(1.3, 0.05, 10)] * 2, 1e-5), abs=1e-12)
+    assert third.history == [(1.3, 0.05, 10), (4.0, 1.0, 1), (1.3, 0.05, 10)]  # every release, in order
+    assert third.epsilon() == pytest.approx(epsilon_spent(third.history, 1e-5), abs=1e-12)
+    assert set(third.epsilon_by_kind()) == {"dp-sgd", "counts"}
+    assert third.epsilon_by_kind()["dp-sgd"] == pytest.approx(epsilon_spent([(1.3, 0.05, 20)], 1e-5))
     on_disk = json.loads(path.read_text())
-    assert set(on_disk) == {"data-a", "data-b"} and on_disk["data-b"]["rounds"] == 1
+    assert on_disk["site"] == "site-a" and on_disk["history"] == [list(h) for h in third.history]
     assert not list(path.parent.glob("*.tmp"))  # the atomic write leaves no temporary file
+    with pytest.raises(LedgerRefused, match="belongs to 'site-a'"):
+        PrivacyLedger.open(path, "site-b", budget=8.0, delta=1e-5)
+
+
+def test_configuration_can_lower_the_budget_only_the_ledger_command_raises_it(tmp_path):
+    path = tmp_path / "ledger.json"
+    PrivacyLedger.open(path, "s", budget=8.0, delta=1e-5).record([(1.0, 0.1, 10)])
+    assert PrivacyLedger.open(path, "s", budget=100.0, delta=1e-5).budget == 8.0  # a larger node budget is ignored
+    assert PrivacyLedger.open(path, "s", budget=2.0, delta=1e-5).budget == 2.0  # a smaller one tightens
+    ledger = PrivacyLedger.open(path, "s", budget=8.0, delta=1e-5)
+    ledger.raise_budget(16.0, "new agreement")
+    reopened = PrivacyLedger.open(path, "s", budget=16.0, delta=1e-5)
+    assert reopened.budget == 16.0
+    assert reopened.events[-1]["from"] == 8.0 and reopened.events[-1]["to"] == 16.0
+    assert reopened.events[-1]["reason"] == "new agreement" and "@" in reopened.events[-1]["by"]
+    with pytest.raises(PrivacyError, match="above the current one"):
+        reopened.raise_budget(4.0)
+
+
+def test_a_per_data_ledger_from_before_becomes_one_site_ledger(tmp_path):
+    """Format 1 kept an entry per data fingerprint; everything in it was spent on the same people."""
+    path = tmp_path / "ledger.json"
+    old = {fp: {"delta": d, "accountant": "rdp", "history": [[1.0, 0.1, 10]], "rounds": 1, "noise_multiplier": 1.0,
+                "budget": 8.0} for fp, d in (("aaa", 1e-5), ("bbb", 1e-4))}
+    path.write_text(json.dumps(old))
+    ledger = PrivacyLedger.open(path, "site-0", budget=8.0, delta=1e-3)
+    assert ledger.delta == 1e-5 and ledger.rounds == 2
+    assert ledger.epsilon() == pytest.approx(epsilon_spent([(1.0, 0.1, 20)], 1e-5))
+
+
+def test_a_missing_or_rolled_back_ledger_fails_closed(tmp_path):
+    path, marker = tmp_path / "ledger.json", tmp_path / "state" / "site-0.marker.json"
+    ledger = PrivacyLedger.open(path, "site-0", 8.0, 1e-5, marker=marker)
+    ledger.record([(1.0, 0.1, 10)])
+    older = path.read_text()
+    ledger.record([(1.0, 0.1, 10)])
+    path.write_text(older)  # a backup restored over the ledger
+    with pytest.raises(LedgerRefused, match="an older copy"):
+        PrivacyLedger.open(path, "site-0", 8.0, 1e-5, marker=marker)
+    path.unlink()
+    with pytest.raises(LedgerRefused, match="does not exist"):
+        PrivacyLedger.open(path, "site-0", 8.0, 1e-5, marker=marker)
+    marker.unlink()  # the documented way to start over deliberately
+    assert PrivacyLedger.open(path, "site-0", 8.0, 1e-5, marker=marker).epsilon() == 0.0
 
 
 def test_corrupt_ledger_is_refused(tmp_path):
@@ -264,11 +309,11 @@ def test_site_smaller_than_one_batch_sits_out(site, toy_dir, tiny_bert, tmp_path
     config = {"dataset": "csv", "data-path": str(toy_dir / "interactions.csv"), "model": tiny_bert, "num-sites": 2,
               "partition": "natural", "partition-column": "site", "max-tokens": 16, "max-history": 8}
     small = Site.open(Settings.from_config(config | {"expected-batch": 100}), 0, 2)
-    ledger = small.ledger(8.0)
+    ledger = PrivacyLedger.open(None, small.name, 8.0, 1e-3)
     state = {k: v.copy() for k, v in trainable_state(small.model).items()}
-    new_state, metrics = small.train(state, ledger, planned_rounds=2)
+    new_state, metrics = small.train(state, ledger, small.settings.privacy, planned_rounds=2)
     assert metrics["refused"] == 1 and "fewer than one expected batch" in metrics["reason"]
     assert new_state is state and ledger.history == [] and ledger.epsilon() == 0.0
     fits = Site.open(Settings.from_config(config | {"expected-batch": 1}), 0, 2)
-    _, metrics = fits.train(state, fits.ledger(8.0), planned_rounds=2)
+    _, metrics = fits.train(state, PrivacyLedger.open(None, fits.name, 8.0, 1e-3), fits.settings.privacy, planned_rounds=2)
     assert metrics["refused"] == 0 and metrics["steps"] > 0
