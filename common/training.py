@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .adapter import load_trainable_state, trainable_state
 from .examples import EvalRows
-from .privacy import BudgetExhausted, PrivacyError, PrivacyLedger, PrivacySettings, TooFewUsers, calibrate_noise
+from .ledger import PrivacyLedger
+from .privacy import BudgetExhausted, PrivacyError, PrivacySettings, TooFewUsers, calibrate_noise
 
 KEYS = ("text", "mask", "history", "targets")
 
@@ -118,14 +119,17 @@ def train_local(
             )
         # Opacus' Poisson loader samples at 1 / (batches per epoch); account with that rate.
         sample_rate = 1.0 / math.ceil(n_users / privacy.expected_batch)
-        delta = ledger.delta if ledger else privacy.delta_for(n_users)
-        ledger = ledger or PrivacyLedger("memory", privacy.epsilon, delta, privacy.accountant)
-        if ledger.noise_multiplier is None:
+        if ledger is None:
+            ledger = PrivacyLedger.open(None, "memory", privacy.epsilon, privacy.delta_for(n_users), privacy.accountant)
+        target = min(privacy.epsilon, ledger.budget)  # the run may ask for less than the site allows
+        if privacy.noise and ledger.noise_multiplier is None:
             ledger.noise_multiplier = calibrate_noise(
-                ledger.budget, ledger.delta, sample_rate, planned_steps or steps, ledger.history, ledger.accountant
+                target, ledger.delta, sample_rate, planned_steps or steps, ledger.history, ledger.accountant
             )
-        sigma = ledger.noise_multiplier
-        ledger.check(sigma, sample_rate, steps)  # raises BudgetExhausted before touching data
+        sigma = ledger.noise_multiplier if privacy.noise else 0.0  # 0: the audit's control
+        after = ledger.check(sigma, sample_rate, steps) if privacy.noise else 0.0  # raises before touching data
+        if after > target:
+            raise BudgetExhausted(f"the run's ε={target:g} is reached: the next round would make it {after:.4g}")
         loader = DataLoader(rows, batch_size=privacy.expected_batch, generator=generator)
         module, optimizer, loader, engine = make_private(model, optimizer, loader, sigma, privacy, train)
     else:
@@ -153,9 +157,12 @@ def train_local(
     metrics["train_loss"] = float(np.mean(losses)) if losses else math.nan
 
     if engine is not None:
-        ledger.record(engine.accountant.history)
+        if privacy.noise:
+            ledger.record(engine.accountant.history)
+        else:  # no noise, no finite ε to charge; the next round must still draw other batches
+            ledger.count_round()
         metrics |= {
-            "epsilon": ledger.epsilon(),
+            "epsilon": ledger.epsilon() if privacy.noise else math.inf,
             "delta": ledger.delta,
             "noise_multiplier": sigma,
             "sample_rate": sample_rate,
@@ -163,8 +170,7 @@ def train_local(
         module._close()  # removes Opacus' hooks so the model can be wrapped again next round
     else:
         if ledger is not None:
-            ledger.rounds += 1  # no ε spent, but the next round must draw other batches
-            ledger.save()
+            ledger.count_round()
         metrics |= {"epsilon": 0.0, "delta": 0.0, "noise_multiplier": 0.0, "sample_rate": 0.0}
     return trainable_state(model), metrics
 
@@ -202,7 +208,11 @@ def cycle(loader):
 @torch.no_grad()
 def rank_of_targets(model, rows: EvalRows, device, batch_size: int = 256) -> tuple[np.ndarray, float]:
     """0-based rank of each user's held-out item among all items not in their history,
-    and the mean cross-entropy of that item (validation loss)."""
+    and the mean cross-entropy of that item (validation loss).
+
+    A user whose scores are not all finite (a diverged model) gets the rank past the last
+    item, a miss at every cut-off: a NaN compares false with everything and would
+    otherwise rank first."""
     model.eval()
     ranks, losses = [], []
     loader = DataLoader(rows.dataset, batch_size=batch_size)
@@ -213,10 +223,13 @@ def rank_of_targets(model, rows: EvalRows, device, batch_size: int = 256) -> tup
         losses.append(torch.nn.functional.cross_entropy(scores, batch["targets"][:, 0], reduction="sum").item())
         target = batch["targets"][:, 0]
         target_score = scores.gather(1, target[:, None])  # (B, 1)
+        diverged = ~torch.isfinite(scores).all(1)  # before history masking adds its own -inf
         for i in range(scores.shape[0]):  # history items are excluded from the ranking
             seen = torch.as_tensor(rows.exclude[offset + i], device=device)
             scores[i, seen[seen != target[i]]] = -math.inf
-        ranks.append((scores > target_score).sum(1).cpu().numpy())
+        rank = (scores > target_score).sum(1)
+        rank[diverged] = scores.shape[1]
+        ranks.append(rank.cpu().numpy())
         offset += scores.shape[0]
     model.train()
     n = max(offset, 1)
