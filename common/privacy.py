@@ -42,6 +42,9 @@ class PrivacySettings:
     max_grad_norm: float = 1.0  # per-user clipping bound C
     accountant: str = "rdp"  # rdp: monotone and stable; restored histories give identical ε
     expected_batch: int = 64  # expected users per Poisson batch: larger batches, less relative noise
+    # False: the privacy audit's control (`audit-control`): DP-SGD's clipping and Poisson sampling
+    # and the capped prior counts, without noise; no finite ε, so nothing is charged.
+    noise: bool = True
 
     def __post_init__(self):
         if not self.epsilon > 0:
@@ -168,7 +171,7 @@ class SitePolicy:
 
         Raises :class:`PolicyRefused` when the run asks for no DP and the site does not allow it.
         """
-        if not request.private:
+        if not request.private or not request.noise:  # no DP, or DP-SGD without noise (the audit's control)
             if not self.allow_non_private:
                 raise PolicyRefused("the run asks for no differential privacy; this site's policy requires it "
                                     "(allow-non-private = false)")
