@@ -42,6 +42,8 @@ class CentralEvaluator:
         self.model = shared_model(settings, self.data) if model is None else model
         self.device = resolve_device(settings.train.device)
         users = np.arange(len(self.data.user_ids))
+        if settings["eval-exclude-prefix"]:  # the privacy audit's canaries are no one's utility
+            users = np.array([u for u in users if not self.data.user_ids[u].startswith(settings["eval-exclude-prefix"])])
         n = settings["eval-users"]
         if n and n < len(users):
             users = np.sort(np.random.default_rng(settings["seed"]).choice(users, n, replace=False))

@@ -93,11 +93,13 @@ KEYS: dict[str, Key] = {
     # (940 users per site) 0.5 and 0.1 tie (docs/RESULTS.md, "levers").
     "popularity-prior": Key(0.5, "share of each site's ε spent on DP item counts as the score base (0 = off)", minimum=0),
     "prior-cap": Key(20, "most recent items a user contributes to the counts (L2 sensitivity √cap)", minimum=1),
+    "audit-control": Key(False, "privacy audit's control: DP-SGD and prior counts without noise (clipping, sampling kept), no ε charged; a deployed site accepts it only if its own policy allows non-private runs"),
     # -- public warm start (server side, before the private rounds)
     "warm-start": Key("", "public dataset to pre-train on without DP ('' = none), e.g. movietweetings"),
     "warm-start-steps": Key(200, "non-private steps of the warm start", minimum=1),
     # -- evaluation and output
     "eval-users": Key(0, "users in central evaluation (0 = all)", minimum=0),
+    "eval-exclude-prefix": Key("", "user ids starting with this are left out of central evaluation (the audit's canaries)"),
     "out-dir": Key("", "where the server writes results (default: runs/latest)"),
     "ledger-dir": Key("", "site privacy ledgers in simulation (default: OUT/ledgers)"),
     # -- central DP (server/central_dp.py)
@@ -237,6 +239,7 @@ class Settings:
                 max_grad_norm=v["max-grad-norm"],
                 accountant=v["accountant"],
                 expected_batch=v["expected-batch"],
+                noise=not v["audit-control"],
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None

@@ -116,7 +116,7 @@ class Site:
         from .prior import release_counts
 
         s = self.settings
-        if not privacy.private:
+        if not privacy.private or not privacy.noise:  # exact, capped counts (noise off: the audit's control)
             return release_counts(self.split, self.users, s["prior-cap"], s["popularity-prior"], None)
         return release_counts(self.split, self.users, s["prior-cap"], s["popularity-prior"], ledger, privacy.epsilon)
 
