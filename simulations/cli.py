@@ -39,6 +39,13 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def stopped(signal_name: str, exit_code: int) -> NoReturn:
+    """End a command that SIGTERM or SIGINT interrupted, once its Flower processes are stopped:
+    one line on stderr and the shell's exit code for that signal (143, 130)."""
+    typer.echo(f"error: interrupted by {signal_name}; the Flower processes it started are stopped", err=True)
+    raise typer.Exit(exit_code)
+
+
 @data_app.command("describe")
 def describe(
     dataset: Annotated[str, typer.Option(help="movietweetings, a MovieLens directory or an interactions .csv")] = "movietweetings",
@@ -137,6 +144,7 @@ def simulate(
 ) -> None:
     """Run a federated simulation in the foreground; results go to --out."""
     from common.config import ConfigError
+    from simulations.interrupt import Interrupted
     from simulations.simulate import SimulationFailed, simulate as run
 
     try:
@@ -146,6 +154,8 @@ def simulate(
     except SimulationFailed as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    except Interrupted as stop:
+        stopped(str(stop), stop.exit_code)
     best = summary["best_validation"]
     console.print(
         f"done in {summary['wall_seconds']:.0f}s: final NDCG@10 {summary['final']['ndcg@10']:.4f}, "
@@ -188,6 +198,7 @@ def sweep(
 ) -> None:
     """Federated runs at each ε plus baselines: sweep.csv and privacy_utility.png in --out (resumable)."""
     from common.config import ConfigError
+    from simulations.interrupt import Interrupted
     from simulations.simulate import SimulationFailed
     from simulations.sweep import parse_epsilons, sweep as run
 
@@ -200,6 +211,8 @@ def sweep(
     except SimulationFailed as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    except Interrupted as stop:
+        stopped(str(stop), stop.exit_code)
 
 
 @app.command()
@@ -212,6 +225,7 @@ def bench(
     """Measure DP vs non-DP steps, bytes sent, framework overhead, memory and scale; writes bench.json."""
     from common.config import ConfigError, Settings
     from simulations.bench import bench as run
+    from simulations.interrupt import Interrupted
     from simulations.simulate import SimulationFailed
 
     try:
@@ -225,6 +239,8 @@ def bench(
     except SimulationFailed as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    except Interrupted as stop:
+        stopped(str(stop), stop.exit_code)
     console.print(
         f"dp_step_ratio {result['dp_step_ratio']:.2f}  bytes_ratio 1/{1 / result['bytes_ratio']:.0f} "
         f"(fp16 1/{1 / result['bytes_ratio_fp16']:.0f})  framework_overhead_ratio {result['framework_overhead_ratio']:.2f}  "

@@ -27,6 +27,7 @@ import psutil
 import tomli_w
 
 from common.config import ConfigError, Settings
+from simulations.interrupt import interrupt_on_signals, uninterrupted
 
 PROJECT = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml lives here
 RESULT_FILES = ("metrics.jsonl", "summary.json", "adapter", "checkpoint", "ledgers", "flower.log", "run_config.toml")
@@ -130,6 +131,7 @@ def flower_env(home: Path, ray_tmp: str) -> dict:
     return env
 
 
+@interrupt_on_signals()  # SIGTERM, like Ctrl-C, ends in the finally below that stops Flower's processes
 def simulate(
     config: dict,
     out: str | Path,
@@ -178,16 +180,17 @@ def simulate(
     env = flower_env(home, ray_tmp)
     log_path = out / "flower.log"
     link_log = home / "superlink.log"
-    superlink = subprocess.Popen(
-        [
-            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--database", str(home / "state.db"), "--log-file", str(link_log),
-            "--disable-runtime-dependency-installation",
-        ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    superlink = run = None
     try:
+        superlink = subprocess.Popen(
+            [
+                "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+                "--host", "127.0.0.1", "--port", str(port),
+                "--database", str(home / "state.db"), "--log-file", str(link_log),
+                "--disable-runtime-dependency-installation",
+            ],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
         _wait_healthy(port, superlink, link_log)
         with open(log_path, "w") as log:
             run = subprocess.Popen(
@@ -208,8 +211,11 @@ def simulate(
                     raise SimulationFailed(f"the run took longer than {timeout:.0f}s; see {log_path}")
             run.wait()
     finally:
-        stop_tree(superlink)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        with uninterrupted():  # a second Ctrl-C must not leave half the tree running
+            for proc in (run, superlink):  # the flwr client first: it follows the SuperLink's run
+                if proc is not None and proc.poll() is None:  # an exited one's pid may be someone else's now
+                    stop_tree(proc)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     summary_path = out / "summary.json"
     if not summary_path.exists():
         raise SimulationFailed(f"the run failed (flwr exit code {run.returncode}); see {log_path}: {_last_error(log_path)}")
