@@ -116,6 +116,28 @@ class PrivacyLedger:
             yield cls.open(path, site, budget, delta, accountant, marker)
 
     @classmethod
+    def read(cls, path: str | Path) -> PrivacyLedger:
+        """The ledger at ``path`` as it stands, for people (``fedenc ledger show``).
+
+        >>> PrivacyLedger.read("site-ledger.json").epsilon()  # doctest: +SKIP
+        """
+        path = Path(path)
+        saved = _read(path)
+        if saved is None:
+            raise PrivacyError(f"privacy ledger {path} does not exist")
+        site = saved.get("site") if saved.get("format") == FORMAT else path.stem
+        return cls._from_saved(saved, path, site)
+
+    def summary(self) -> dict:
+        """What ``fedenc ledger show --json`` prints: spent ε in all and per kind of release."""
+        return {
+            "site": self.site, "epsilon": self.epsilon(), "delta": self.delta, "budget": self.budget,
+            "accountant": self.accountant, "epsilon_by_kind": self.epsilon_by_kind(),
+            "releases": len(self.releases), "rounds": self.rounds, "runs": len(self.runs), "events": self.events,
+            "path": str(self.path) if self.path else None,
+        }  # fmt: skip
+
+    @classmethod
     def from_state(cls, state: dict, site: str) -> PrivacyLedger:
         """A ledger from :meth:`state` (kept in Flower's ``context.state`` when no path is set)."""
         return cls._from_saved(state, None, site)

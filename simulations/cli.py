@@ -26,6 +26,10 @@ from simulations.deploy import app as deploy_app  # noqa: E402  (cheap: heavy im
 
 app.add_typer(deploy_app, name="deploy")
 
+from client.ledger_cli import app as ledger_app  # noqa: E402  (no torch: the ledger needs only Opacus' accountant)
+
+app.add_typer(ledger_app, name="ledger")
+
 
 class PartitionKind(str, Enum):
     iid = "iid"
@@ -161,6 +165,10 @@ def simulate(
         f"done in {summary['wall_seconds']:.0f}s: final NDCG@10 {summary['final']['ndcg@10']:.4f}, "
         f"best round {summary['best_round']} (NDCG@10 {best['ndcg@10']:.4f}), ε {summary['epsilon']:.3f}; results in {out}"
     )
+    from simulations.report import write_report
+
+    written = write_report(out)
+    console.print(f"model card {written['card']}, run report {written['plot']}")
 
 
 @app.command()
@@ -216,6 +224,54 @@ def sweep(
 
 
 @app.command()
+def audit(
+    out: OutOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    canaries: Annotated[int, typer.Option(help="Canary users (each included with probability 1/2, all at site 0).")] = 200,
+    overwrite: Annotated[bool, typer.Option(help="Replace the audit in --out.")] = False,
+) -> None:
+    """Empirical ε lower bound from canary users (one-run audit), beside the accountant's ε and a no-noise control."""
+    from common.config import ConfigError
+    from simulations.audit import MIN_CONTROL_EPSILON, audit as run, format_bound
+    from simulations.simulate import SimulationFailed
+
+    def progress(name: str, p: dict) -> None:
+        console.print(f"[{name:>7}] ", end="")
+        show_round(p)
+
+    try:
+        result = run(run_config(config, set_), out, count=canaries, overwrite=overwrite, on_progress=progress,
+                     log=console.print)
+    except ConfigError as err:
+        fail(str(err))
+    except SimulationFailed as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    table = Table(title=f"privacy audit: {result['canaries']} canaries ({result['canaries_included']} in), "
+                        f"{result['confidence']:.0%} confidence, δ = {result['delta']:.1e}")
+    for column in ("run", "claimed ε", "ε lower bound", "correct / guesses", "AUROC", "TPR @ 1% FPR", "wall s"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for name, claimed in (("dp", format_bound(result["epsilon_claimed"])), ("control", "∞ (no noise)")):
+        r = result[name]
+        table.add_row(name, claimed, format_bound(r["epsilon_lower_bound"]), f"{r['correct']} / {r['guesses']}",
+                      f"{r['auroc']:.3f}", f"{r['tpr_at_1pct_fpr']:.3f}", f"{result['wall_seconds'][name]:.0f}")
+    console.print(table)
+    if result["verdict"] == "violation":
+        typer.echo(f"error: the lower bound ε ≥ {result['epsilon_lower_bound']:.3f} exceeds the claimed "
+                   f"ε = {result['epsilon_claimed']:.3f}: the privacy claim does not hold; see {out}/audit.json", err=True)
+        raise typer.Exit(1)
+    if result["verdict"] == "no power":
+        console.print(f"[bold]the attack has no power here:[/bold] the control without noise shows only ε ≥ "
+                      f"{result['control_epsilon_lower_bound']:.3f} (it must reach {MIN_CONTROL_EPSILON:g} and beat the DP run), so the DP "
+                      "run's bound says nothing about the claim; more canaries or white-box gradient canaries would help")
+    else:
+        console.print(f"consistent: the DP run's lower bound ({result['epsilon_lower_bound']:.3f}) stays below the claimed "
+                      f"ε ({result['epsilon_claimed']:.3f}) while the control shows the attack can see a leak "
+                      f"(ε ≥ {result['control_epsilon_lower_bound']:.3f}); results in {out}")
+
+
+@app.command()
 def bench(
     out: OutOpt,
     config: ConfigOpt = None,
@@ -247,6 +303,96 @@ def bench(
         f"peak_rss_mb {result['peak_rss_mb']:.0f}  eval_users_per_s {result['eval_users_per_s']:.0f}  "
         f"max_sites {result['max_sites']}; {out}/bench.json"
     )
+
+
+def history_queries(history: str | None, history_file: Path | None) -> list[str]:
+    """The items a user gave: ``"title; title"`` or a file with one item per line (oldest first)."""
+    if history_file is not None:
+        try:
+            lines = history_file.read_text().splitlines()
+        except OSError as err:
+            fail(f"--history-file: {err.strerror}: {history_file}")
+        return [line.strip() for line in lines if line.strip()]
+    return [part.strip() for part in (history or "").split(";") if part.strip()]
+
+
+@app.command()
+def recommend(
+    run: Annotated[Path, typer.Option("--run", help="A finished run folder (with adapter/).")],
+    history: Annotated[str | None, typer.Option(help='Items the user had, oldest first: "title; title; ..." (titles or item ids).')] = None,
+    history_file: Annotated[Path | None, typer.Option(help="A file with one title or item id per line, oldest first.")] = None,
+    user: Annotated[str | None, typer.Option(help="A user id of the run's dataset: their whole history.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="With --user: the dataset to read the user from (default: the run's).")] = None,
+    items: Annotated[str | None, typer.Option(help="With --dataset CSV: the items CSV.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many items to recommend.")] = 10,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """Top-k catalogue items for a history, from a run's global model (never an item of the history)."""
+    import json
+
+    from common.recommend import RunError, describe_unknown, load_run
+
+    if sum(x is not None for x in (history, history_file, user)) != 1:
+        fail("give exactly one of --history, --history-file or --user")
+    queries = [] if user is not None else history_queries(history, history_file)
+    if user is None and not queries:
+        fail("the history is empty: give at least one title or item id")
+    try:
+        model = load_run(run, device)
+        unknown: dict[str, list[str]] = {}
+        if user is not None:
+            indices = user_history(model, user, dataset, items)
+        else:
+            indices, unknown = model.lookup(queries)
+            if not indices:
+                fail("no item of the history is in the catalogue: " + "; ".join(describe_unknown(q, c) for q, c in unknown.items()))
+        recs = model.recommend([indices], k=k)[0]
+    except (RunError, DataError) as err:
+        fail(str(err))
+    for query, closest in unknown.items():
+        typer.echo(f"warning: {describe_unknown(query, closest)}; left out of the history", err=True)
+    cat = model.data.catalogue
+    if json_out:
+        typer.echo(json.dumps({
+            "run": str(run), "k": k, "user": user,
+            "history": [{"item_id": cat.item_ids[i], "title": model.titles[i]} for i in indices],
+            "unknown": [{"query": q, "closest": c} for q, c in unknown.items()],
+            "recommendations": [{"rank": r + 1, "item_id": x.item_id, "title": x.title, "score": x.score} for r, x in enumerate(recs)],
+        }, indent=1, ensure_ascii=False))
+        return
+    table = Table(title=f"top {len(recs)} for a history of {len(indices)} item(s)" + (f" (user {user})" if user else ""))
+    for name, justify in (("#", "right"), ("score", "right"), ("title", "left"), ("item id", "left")):
+        table.add_column(name, justify=justify)
+    for r, x in enumerate(recs, 1):
+        table.add_row(str(r), f"{x.score:.3f}", x.title, x.item_id)
+    console.print(table)
+
+
+def user_history(model, user: str, dataset: str | None, items: str | None) -> list[int]:
+    """``user``'s whole history, from the run's dataset or from ``dataset`` (same catalogue)."""
+    from common.recommend import RunError
+
+    if dataset is None:
+        return model.history_of(user)
+    data = load(spec_for(dataset, items, k_core=model.settings.data.k_core, rating_threshold=model.settings.data.rating_threshold))
+    if data.catalogue.item_ids != model.data.catalogue.item_ids:
+        raise RunError(f"--dataset {dataset}: its item catalogue is not the one the run's model ranks")
+    if user not in data.user_ids:
+        raise RunError(f"user {user!r} is not in {dataset}")
+    return [int(i) for i in data.sequences[data.user_ids.index(user)]]
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="A run folder (with summary.json and metrics.jsonl).")]) -> None:
+    """(Re)write a run's MODEL_CARD.md and report.png (and the model card in summary.json)."""
+    from simulations.report import ReportError, write_report
+
+    try:
+        written = write_report(run)
+    except ReportError as err:
+        fail(str(err))
+    console.print(f"wrote {written['card']} and {written['plot']}")
 
 
 def main() -> None:

@@ -234,13 +234,27 @@ def superlink_command(certs: str | Path, port: int, state: str | Path, host: str
     ]  # fmt: skip
 
 
-def node_config(data_path: str, site_id: int, ledger_path: str, items_path: str | None = None, epsilon_budget: float | None = None) -> str:
-    """The ``--node-config`` string of one site (values quoted as TOML strings)."""
-    pairs = {"data-path": data_path, "site-id": site_id, "ledger-path": ledger_path}
-    if items_path:
-        pairs["items-path"] = items_path
-    if epsilon_budget is not None:
-        pairs["epsilon-budget"] = float(epsilon_budget)
+def node_config(
+    data_path: str, site_id: int, ledger_path: str, epsilon_budget: float, items_path: str | None = None,
+    state_dir: str | None = None, delta: float | None = None, allow_non_private: bool = False,
+) -> str:
+    """The ``--node-config`` string of one site (values quoted as TOML strings); the keys
+    are those :mod:`client.node` reads, and it is checked the way the ClientApp checks it.
+
+    >>> node_config("/data/a.csv", 2, "/data/ledger.json", 8.0)
+    'data-path="/data/a.csv" site-id=2 ledger-path="/data/ledger.json" epsilon-budget=8.0'
+    """
+    from client.node import NodeConfig, NodeConfigError
+
+    pairs = {"data-path": data_path, "site-id": site_id, "ledger-path": ledger_path, "epsilon-budget": float(epsilon_budget)}
+    optional = {"items-path": items_path, "state-dir": state_dir, "delta": delta}
+    pairs |= {k: v for k, v in optional.items() if v is not None}
+    if allow_non_private:
+        pairs["allow-non-private"] = True
+    try:
+        NodeConfig.parse(pairs)
+    except NodeConfigError as err:
+        raise DeployError(str(err)) from None
     return " ".join(f"{k}={json.dumps(v)}" for k, v in pairs.items())
 
 
@@ -504,18 +518,29 @@ def supernode_cmd(
     key: Annotated[Path, typer.Option(help="This site's private key (SITE.key).")],
     data_path: Annotated[Path, typer.Option(help="This site's interactions CSV.")],
     site_id: Annotated[int, typer.Option(help="This site's number (as the server reports it).")],
-    ledger_path: Annotated[Path, typer.Option(help="This site's privacy ledger (JSON; kept across runs).")],
+    ledger_path: Annotated[Path | None, typer.Option(help="This site's privacy ledger (JSON; kept across runs). Required.")] = None,
+    epsilon_budget: Annotated[float | None, typer.Option(help="The most ε this site's ledger may ever hold. Required.")] = None,
     items_path: Annotated[Path | None, typer.Option(help="Items CSV (default: items.csv beside data-path).")] = None,
-    epsilon_budget: Annotated[float | None, typer.Option(help="This site's ε budget (overrides the run's).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="The site's state outside the ledger: its marker and kept replies (default ~/.local/state/fedenc).")] = None,
+    delta: Annotated[float | None, typer.Option(help="A cap on δ (default 1/(10 n) rounded down to a power of ten).")] = None,
+    allow_non_private: Annotated[bool, typer.Option(help="Serve runs that ask for no DP (exact releases).")] = False,
     port: Annotated[int, typer.Option(help="Local port of this SuperNode (one per SuperNode on a machine).")] = 9094,
     max_wait: Annotated[float, typer.Option(help="Give up after this many seconds without a SuperLink (0: never).")] = 60.0,
     show: Annotated[bool, typer.Option("--print", help="Print the command instead of running it.")] = False,
 ) -> None:
-    """Start flower-supernode for this site over TLS with node authentication (foreground)."""
+    """Start flower-supernode for this site over TLS with node authentication (foreground).
+
+    The site's privacy policy (budget, δ, non-private runs) is set here, at the site; a run
+    config can only ask for less.
+    """
+    for name, value in (("--ledger-path", ledger_path), ("--epsilon-budget", epsilon_budget)):
+        if value is None:
+            _fail(f"{name} is required: a site keeps its own privacy ledger and budget, whatever the server asks")
     try:
         about = check_site_data(data_path, items_path)
-        config = node_config(str(data_path.resolve()), site_id, str(ledger_path.resolve()),
-                             str(items_path.resolve()) if items_path else None, epsilon_budget)
+        config = node_config(str(data_path.resolve()), site_id, str(ledger_path.resolve()), epsilon_budget,
+                             str(items_path.resolve()) if items_path else None,
+                             str(state_dir.resolve()) if state_dir else None, delta, allow_non_private)
         cmd = supernode_command(superlink, ca, key, port, config, max_wait or None)
     except DeployError as err:
         _fail(str(err))

@@ -59,9 +59,30 @@ def test_site_keys_are_what_flower_reads(tmp_path):
 def test_node_config_is_parsed_by_flower():
     from flwr.common.config import parse_config_args
 
-    config = deploy.node_config("/data/site a.csv", 2, "/data/ledger.json", epsilon_budget=4)
+    config = deploy.node_config("/data/site a.csv", 2, "/data/ledger.json", epsilon_budget=4, delta=1e-6)
     parsed = parse_config_args([config])
-    assert parsed == {"data-path": "/data/site a.csv", "site-id": 2, "ledger-path": "/data/ledger.json", "epsilon-budget": 4.0}
+    assert parsed == {"data-path": "/data/site a.csv", "site-id": 2, "ledger-path": "/data/ledger.json", "epsilon-budget": 4.0,
+                      "delta": 1e-6}
+    from client.node import NodeConfig
+
+    node = NodeConfig.parse(parsed)  # what the ClientApp reads back
+    assert node.policy.budget == 4.0 and node.policy.delta == 1e-6 and not node.policy.allow_non_private
+
+
+def test_a_supernode_without_its_own_budget_or_ledger_refuses_to_start(tmp_path, synthetic_dir):
+    certs = deploy.make_certs(tmp_path / "certs")
+    private, _ = deploy.make_site_keys("site-a", tmp_path)
+    common = ("supernode", "--superlink", "127.0.0.1:1", "--ca", certs["ca"], "--key", private,
+              "--data-path", synthetic_dir / "interactions.csv", "--site-id", 0, "--print")
+    done = _fedenc(*common, "--ledger-path", tmp_path / "l.json")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --epsilon-budget is required: a site keeps its own privacy ledger and budget, whatever the server asks"]
+    done = _fedenc(*common, "--epsilon-budget", 8)
+    assert done.returncode == 2 and "--ledger-path is required" in done.stderr
+    done = _fedenc(*common, "--epsilon-budget", -1, "--ledger-path", tmp_path / "l.json")
+    assert done.returncode == 2 and "epsilon-budget" in done.stderr
+    done = _fedenc(*common, "--epsilon-budget", 8, "--ledger-path", tmp_path / "l.json")
+    assert done.returncode == 0 and 'epsilon-budget=8.0' in done.stdout
 
 
 # ----------------------------------------------------------------------------- central DP
@@ -165,7 +186,8 @@ def test_missing_certificate_is_named(tmp_path):
 def test_missing_site_data_is_named(tmp_path):
     certs = deploy.make_certs(tmp_path / "certs")
     done = _fedenc("supernode", "--superlink", "127.0.0.1:1", "--ca", certs["ca"], "--key", tmp_path / "nokey",
-                   "--data-path", tmp_path / "missing.csv", "--site-id", 0, "--ledger-path", tmp_path / "l.json", "--print")
+                   "--data-path", tmp_path / "missing.csv", "--site-id", 0, "--ledger-path", tmp_path / "l.json",
+                   "--epsilon-budget", 8, "--print")
     assert done.returncode == 2 and "site data" in done.stderr and "does not exist" in done.stderr
     assert not (tmp_path / "l.json").exists()
 
@@ -173,7 +195,8 @@ def test_missing_site_data_is_named(tmp_path):
 def test_missing_private_key_is_named(tmp_path, synthetic_dir):
     certs = deploy.make_certs(tmp_path / "certs")
     done = _fedenc("supernode", "--superlink", "127.0.0.1:1", "--ca", certs["ca"], "--key", tmp_path / "nokey",
-                   "--data-path", synthetic_dir / "interactions.csv", "--site-id", 0, "--ledger-path", tmp_path / "l.json", "--print")
+                   "--data-path", synthetic_dir / "interactions.csv", "--site-id", 0, "--ledger-path", tmp_path / "l.json",
+                   "--epsilon-budget", 8, "--print")
     assert done.returncode == 2 and "SuperNode private key" in done.stderr and "does not exist" in done.stderr
 
 
@@ -216,7 +239,7 @@ def federation(tmp_path_factory, tiny_bert):
         nodes = [deploy.register_key(keys[f"site-{i}"][1], "fedenc", env) for i in range(3)]
         ledgers = {i: root / f"site-{i}" / "ledger.json" for i in range(3)}
         for i in range(3):
-            config = deploy.node_config(str(files[i]), i, str(ledgers[i]))
+            config = deploy.node_config(str(files[i]), i, str(ledgers[i]), 8.0, state_dir=str(root / f"site-{i}" / "state"))
             cmd = deploy.supernode_command(address, certs["ca"], keys[f"site-{i}"][0], _free_port(), config, max_wait=120)
             procs.append(_start(cmd, root / f"supernode-{i}.out", env))
         run = {
@@ -245,17 +268,17 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _ledger_epsilon(path: Path) -> tuple[float, int]:
-    """(ε spent, DP-SGD steps); the popularity prior's count releases are the q = 1 entries."""
+    """(ε spent, DP-SGD steps), recomputed from the ledger file's accountant history."""
     from common.privacy import epsilon_spent
 
-    (entry,) = json.loads(path.read_text()).values()
-    steps = sum(h[2] for h in entry["history"] if h[1] < 1.0)
-    return epsilon_spent(entry["history"], entry["delta"], entry["accountant"]), steps
+    ledger = json.loads(path.read_text())
+    steps = sum(h[2] for r in ledger["releases"] if r["kind"] == "dp-sgd" for h in r["history"])
+    return epsilon_spent(ledger["history"], ledger["delta"], ledger["accountant"]), steps
 
 
 def _releases(path: Path) -> int:
-    (entry,) = json.loads(path.read_text()).values()
-    return sum(1 for h in entry["history"] if h[1] == 1.0)
+    """The popularity prior's count releases."""
+    return sum(1 for r in json.loads(path.read_text())["releases"] if r["kind"] == "counts")
 
 
 @pytest.mark.deploy
@@ -279,8 +302,19 @@ def test_three_sites_over_tls_with_node_auth(federation):
 def test_second_run_continues_from_the_spent_budget_with_central_dp(federation):
     before = {i: _ledger_epsilon(p) for i, p in federation.ledgers.items()}
     assert all(steps == 4 for _, steps in before.values()), "needs the first run"
-    # The sites keep their ledgers: a second run at the same budget would be refused, so it
-    # raises the budget and checks that ε grows from what was already spent, not from 0.
+    # The sites keep their ledgers: a run asking for more than a site's budget gets nothing more.
+    with pytest.raises(deploy.DeployError):  # no site can train: the run fails, saying so
+        _run(federation, "run2-refused", epsilon=16.0, **{"num-server-rounds": 1})
+    assert all(_ledger_epsilon(p)[0] <= 8.0 for p in federation.ledgers.values())
+    # Each site raises its own budget (logged in its ledger); ε then grows from what was spent, not from 0.
+    for i, path in federation.ledgers.items():
+        done = subprocess.run([*FEDENC, "ledger", "raise-budget", str(path), "--to", "16", "--reason", "second study"],
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+        assert done.returncode == 0, done.stderr
+        shown = json.loads(subprocess.run([*FEDENC, "ledger", "show", str(path), "--json"], capture_output=True, text=True,
+                                          timeout=120, cwd=Path(__file__).parents[1]).stdout)
+        assert shown["budget"] == 16.0 and shown["events"][-1]["reason"] == "second study"
+    before = {i: _ledger_epsilon(p) for i, p in federation.ledgers.items()}
     summary, wall = _run(federation, "run2", epsilon=16.0, **{"central-dp": "server-fixed", "central-dp-noise": 1.0, "central-dp-clip": 1.0})
     lines = _lines(federation.root / "run2" / "metrics.jsonl")
     first = lines[1]
@@ -298,7 +332,7 @@ def test_second_run_continues_from_the_spent_budget_with_central_dp(federation):
 @pytest.mark.deploy
 def test_unregistered_key_is_refused(federation):
     cmd = deploy.supernode_command(federation.address, federation.certs["ca"], federation.keys["rogue"][0], _free_port(),
-                                   deploy.node_config("/nowhere.csv", 9, "/nowhere.json"), max_wait=10)
+                                   deploy.node_config("/nowhere.csv", 9, "/nowhere.json", 8.0), max_wait=10)
     proc = _start(cmd + ["--max-retries", "2"], federation.root / "rogue.out", federation.env)
     try:
         assert proc.wait(timeout=90) != 0
@@ -337,7 +371,7 @@ def test_unreachable_superlink_supernode_gives_up(tmp_path, tiny_bert):
     certs = deploy.make_certs(tmp_path / "certs")
     private, _ = deploy.make_site_keys("site-a", tmp_path)
     cmd = deploy.supernode_command(f"127.0.0.1:{_free_port()}", certs["ca"], private, _free_port(),
-                                   deploy.node_config("/x.csv", 0, "/x.json"), max_wait=10)
+                                   deploy.node_config("/x.csv", 0, "/x.json", 8.0), max_wait=10)
     proc = _start(cmd + ["--max-retries", "2"], tmp_path / "sn.out", deploy.deploy_env(tmp_path / "home"))
     try:
         assert proc.wait(timeout=90) != 0
