@@ -27,9 +27,9 @@ import numpy as np
 
 from common.config import ConfigError, Settings
 
-METRICS = ("hr@10", "ndcg@10", "mrr@10", "cold/ndcg@10", "cold/hr@10")
+METRICS = ("hr@10", "ndcg@10", "mrr@10", "recall@10", "auc", "cold/ndcg@10", "cold/hr@10")
 COLUMNS = ("method", "epsilon", "delta", "noise_multiplier", "rounds", "seeds",
-           "hr@10", "hr@10_std", "ndcg@10", "ndcg@10_std", "mrr@10", "mrr@10_std",
+           "hr@10", "hr@10_std", "ndcg@10", "ndcg@10_std", "mrr@10", "mrr@10_std", "recall@10", "auc",
            "cold/ndcg@10", "cold/hr@10", "cold/users", "wall_seconds")
 NO_TRAINING = ("popularity", "zeroshot")
 
@@ -101,7 +101,8 @@ def run_cell(cell: Cell, config: dict, out: Path, log: Callable[[str], None]) ->
 def _cell_row(summary: dict) -> dict:
     best = summary["best_validation"]
     sites = [s for s in summary.get("sites", {}).values() if isinstance(s, dict)]
-    return {k: best.get(k, math.nan) for k in METRICS} | {
+    # unprefixed metrics are the test split's; recall and AUC exist only prefixed (test/…)
+    return {k: best.get(k, best.get(f"test/{k}", math.nan)) for k in METRICS} | {
         "cold/users": best.get("cold/users", math.nan),
         "delta": max((s.get("delta", 0.0) for s in sites), default=0.0),
         "noise_multiplier": max((s.get("noise_multiplier", 0.0) for s in sites), default=0.0),

@@ -1,0 +1,454 @@
+"""A finished run, explained: ``MODEL_CARD.md`` (and the same facts under ``model_card`` in
+``summary.json``) and ``report.png``, both from the files the run left on disk.
+
+``fedenc report DIR`` rewrites both; ``fedenc simulate`` writes them when a run completes.
+Everything is read defensively: what sites report changes between versions, and a
+baseline's folder has no sites or no model.
+
+>>> written = write_report("runs/default")  # doctest: +SKIP
+>>> written["card"], written["plot"]        # doctest: +SKIP
+(PosixPath('runs/default/MODEL_CARD.md'), PosixPath('runs/default/report.png'))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common.files import atomic_write, atomic_write_json, atomic_write_text
+
+CARD, PLOT = "MODEL_CARD.md", "report.png"
+BASELINES = ("popularity", "zeroshot", "centralized", "local")
+# Settings that fix who is evaluated and how: runs that differ in one of them are not comparable.
+EVALUATION_KEYS = ("dataset", "data-path", "items-path", "text-columns", "item-template", "rating-threshold",
+                   "k-core", "eval-users", "seed")
+RESULT_METRICS = ("ndcg@10", "hr@10", "recall@10", "mrr@10", "ndcg@20", "auc")
+README_SECTION = 'the fedenc README, section "What leaves a site" (README.md#what-leaves-a-site)'
+
+
+class ReportError(ValueError):
+    """The folder holds no finished run to report on."""
+
+
+def _number(value) -> float | None:
+    """A finite float, or None (JSON null, NaN, a string, a missing value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def read_run(run: str | Path) -> tuple[dict, list[dict]]:
+    """``summary.json`` and the lines of ``metrics.jsonl``; :class:`ReportError` if either is
+    missing or unreadable."""
+    run = Path(run)
+    if not run.is_dir():
+        raise ReportError(f"{run}: no such run folder")
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except FileNotFoundError as err:
+        raise ReportError(f"{run}: no {Path(err.filename).name} (not a finished run)") from None
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{run}: unreadable run files ({err})") from None
+    if not isinstance(summary, dict) or not rows:
+        raise ReportError(f"{run}: summary.json or metrics.jsonl holds no results")
+    return summary, rows
+
+
+# -- facts -----------------------------------------------------------------------------------
+
+
+def _sites(summary: dict) -> dict[str, dict]:
+    """Per-site privacy facts as far as the site reported them (fields may be absent)."""
+    out = {}
+    for name, site in sorted((summary.get("sites") or {}).items()):
+        if not isinstance(site, dict):
+            continue
+        out[str(name)] = {k: site.get(k) for k in ("epsilon", "delta", "budget", "steps", "refused", "reason")
+                          if site.get(k) is not None}
+        accountant = site.get("accountant")
+        if isinstance(accountant, str) and accountant in ("rdp", "prv"):
+            out[str(name)]["accountant"] = accountant
+    return out
+
+
+def _adapter(run: Path, settings: dict) -> dict:
+    config_path = run / "adapter" / "adapter_config.json"
+    if not config_path.is_file():
+        return {}
+    config = json.loads(config_path.read_text())
+    return {
+        "type": config.get("peft_type", "LORA"),
+        "rank": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "dropout": config.get("lora_dropout"),
+        "target_modules": sorted(config.get("target_modules") or []),
+        "layers": config.get("layers_to_transform"),
+        "ffa_lora": settings.get("ffa-lora"),
+    }
+
+
+def _data(settings: dict) -> dict:
+    """The data settings that apply to this run (a Dirichlet α only for a Dirichlet partition, ...)."""
+    partition = settings.get("partition")
+    keys = ["dataset", "data-path", "items-path", "k-core", "num-sites", "partition"]
+    keys += ["dirichlet-alpha"] if partition == "dirichlet" else ["partition-column"] if partition == "natural" else []
+    out = {k: settings[k] for k in keys if settings.get(k) not in (None, "")}
+    if (_number(settings.get("rating-threshold")) or -1) >= 0:
+        out["rating-threshold"] = settings["rating-threshold"]
+    return out
+
+
+def _comparable(summary: dict, other: dict) -> bool:
+    mine, theirs = summary.get("settings") or {}, other.get("settings") or {}
+    return all(mine.get(k) == theirs.get(k) for k in EVALUATION_KEYS)
+
+
+def baselines(run: Path, summary: dict) -> list[dict]:
+    """Baseline runs beside ``run`` (a sweep's cells, or folders next to it) evaluated on the
+    same users: their test metrics at the best-validation round."""
+    found = []
+    for folder in sorted(p for p in run.resolve().parent.iterdir() if p.is_dir() and p != run.resolve()):
+        try:
+            other = json.loads((folder / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if other.get("method") not in BASELINES or not _comparable(summary, other):
+            continue
+        best = other.get("best_validation") or {}
+        found.append({"method": other["method"], "epsilon": _number((other.get("settings") or {}).get("epsilon")),
+                      "folder": folder.name} | {k: _number(best.get(f"test/{k}", best.get(k))) for k in RESULT_METRICS})
+    return found
+
+
+def _results(line: dict) -> dict:
+    out = {"round": line.get("round")}
+    for split in ("test", "valid", "cold"):
+        out[split] = {k: _number(line.get(f"{split}/{k}")) for k in RESULT_METRICS}
+    out["cold"]["users"] = line.get("cold/users")
+    out["test"]["users"] = line.get("test/users")
+    out["epsilon"] = _number(line.get("epsilon"))
+    return out
+
+
+def model_card(run: str | Path) -> dict:
+    """The facts of a run's model card, from its files.
+
+    >>> card = model_card("runs/default")            # doctest: +SKIP
+    >>> card["privacy"]["sites"]["0"]["epsilon"]     # doctest: +SKIP
+    7.99
+    """
+    run = Path(run)
+    summary, rows = read_run(run)
+    settings = summary.get("settings") or {}
+    private = _number(settings.get("epsilon")) is not None
+    card = {
+        "run": run.resolve().name,
+        "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "method": summary.get("method", "federated"),
+        "model": {
+            "base_encoder": settings.get("model"),
+            "adapter": _adapter(run, settings),
+            "trained": [name for name, key in (("LoRA", "train-lora"), ("item bias", "train-bias"),
+                                               ("fusion gate and recency attention", "train-fusion"),
+                                               ("user projection", "train-projection"),
+                                               ("logit scale", "learn-logit-scale")) if settings.get(key)],
+            "trainable_parameters": (summary["bytes_per_update"] // 4) if isinstance(summary.get("bytes_per_update"), int) else None,
+            "popularity_prior": (run / "prior.npy").is_file(),
+            "history": {"items": settings.get("max-history"), "tokens": settings.get("max-tokens")},
+        },
+        "data": _data(settings),
+        "privacy": {
+            "unit": "user (one DP-SGD example = one user of a site)",
+            "private": private,
+            "epsilon_budget": _number(settings.get("epsilon")),
+            "delta_setting": settings.get("delta"),
+            "accountant": settings.get("accountant"),
+            "max_grad_norm": settings.get("max-grad-norm"),
+            "expected_batch": settings.get("expected-batch"),
+            "prior_share": settings.get("popularity-prior"),
+            "prior_cap": settings.get("prior-cap"),
+            "epsilon_spent_max": _number(summary.get("epsilon")),
+            "sites": _sites(summary),
+            "central_dp": settings.get("central-dp", "none"),
+            "central_epsilon": _number(rows[-1].get("central_epsilon")) if settings.get("central-dp", "none") != "none" else None,
+        },
+        "evaluation": {
+            "protocol": ("leave-one-out per user (last item = test, second-to-last = validation); full ranking over "
+                         "the whole catalogue with the user's history excluded; ranks from 0; NDCG@k = 1/log2(rank+2); "
+                         "recall@k = HR@k (one held-out item); AUC = 1 - rank/(rankable items - 1), averaged; "
+                         "model selection on validation NDCG@10 only"),
+            "final": _results(summary.get("final") or rows[-1]),
+            "best_validation": _results(summary.get("best_validation") or rows[-1]),
+            "baselines": baselines(run, summary),
+        },
+    }
+    card["protected"], card["not_protected"] = protection(card)
+    return card
+
+
+def protection(card: dict) -> tuple[list[str], list[str]]:
+    """What the run's guarantee covers and what it does not, in plain sentences."""
+    p = card["privacy"]
+    not_protected = [
+        "The item catalogue (titles, genres, item ids): public by assumption.",
+        "The evaluation numbers in this card and in metrics.jsonl: in simulation the server reads every "
+        "evaluated user's held-out items (a simulation convenience), so they are computed without DP; "
+        "in a deployment they come from the operator's own evaluation users.",
+        "Anything a site sends outside DP, as listed in " + README_SECTION + ".",
+        "Groups: the guarantee is per user; k users acting together are covered only at roughly k·ε.",
+        "A person who is a user at several sites: each site's guarantee covers its own data, so their total "
+        "exposure is the composition over those sites.",
+    ]
+    if not p["private"]:
+        return [], ["Nothing: this run trained without differential privacy (ε = ∞); every site's update and "
+                    "count release depends on its users' data without noise."] + not_protected
+    protected = [
+        f"Which items each user of a site interacted with, and when: everything the site sent for this model "
+        f"(its adapter updates, by DP-SGD with per-user clipping at {p['max_grad_norm']} and Gaussian noise"
+        + (f", and its popularity counts, by the Gaussian mechanism with each user counting at most "
+           f"{p['prior_cap']} items" if card["model"]["popularity_prior"] else "")
+        + ") is (ε, δ)-DP at the user level, with each site's (ε, δ) in the table above, composed over every "
+        "round by the site's own ledger. The global model is computed from those releases only (and public "
+        "data), so it carries the same guarantee.",
+    ]
+    if p["central_dp"] == "none":
+        not_protected.insert(1, "A site's participation and its (DP-noised) update are seen by the server: "
+                                "no site-level DP (central-dp = none) and no secure aggregation.")
+    return protected, not_protected
+
+
+# -- the card as Markdown --------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 4) -> str:
+    """A number for a table: ``digits`` significant digits, "–" when absent."""
+    if value is None:
+        return "–"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def card_markdown(card: dict) -> str:
+    """MODEL_CARD.md from :func:`model_card`'s facts."""
+    m, d, p, e = card["model"], card["data"], card["privacy"], card["evaluation"]
+    a = m["adapter"]
+    lines = [
+        f"# Model card: {card['run']}",
+        "",
+        f"Written {card['written']} by `fedenc report` from the run's files; method: {card['method']}.",
+        "",
+        "## Model",
+        f"- Base encoder: `{m['base_encoder']}`" + (" (all-MiniLM-L6-v2, bundled)" if m["base_encoder"] == "default" else "")
+        + ", frozen.",
+    ]
+    if a:
+        lines.append(f"- Adapter: {a['type']} rank {a['rank']}, alpha {_fmt(a['alpha'])}, dropout {_fmt(a['dropout'])}, "
+                     f"on {', '.join(a['target_modules'])}" + (f" in layer(s) {a['layers']}" if a["layers"] else "")
+                     + ("; FFA-LoRA (A frozen, only B trained)" if a["ffa_lora"] else "") + ".")
+    lines += [
+        f"- Trained: {', '.join(m['trained']) or 'nothing'}"
+        + (f" ({m['trainable_parameters']:,} parameters)" if m["trainable_parameters"] else "") + ".",
+        f"- User history: the {m['history']['items']} most recent items, as text of at most {m['history']['tokens']} "
+        "tokens plus attention over their catalogue vectors.",
+        "- Popularity prior: " + ("a DP log-popularity base over the sites' noisy item counts (`prior.npy`)."
+                                  if m["popularity_prior"] else "none."),
+        "",
+        "## Data and sites",
+        "- " + ", ".join(f"{k}: `{v}`" for k, v in d.items()) + ".",
+        "",
+        "## Privacy",
+    ]
+    if p["private"]:
+        lines += [
+            f"User-level differential privacy, accountant `{p['accountant']}`, budget ε = {_fmt(p['epsilon_budget'])} "
+            f"per site, clipping {p['max_grad_norm']}, expected batch {p['expected_batch']} users"
+            + (f", {_fmt(p['prior_share'])} of the budget on the popularity counts (cap {p['prior_cap']} items per user)"
+               if m["popularity_prior"] else "") + ".",
+            "",
+            "| site | ε spent | δ | budget | accountant |",
+            "|---|---|---|---|---|",
+        ]
+        for name, s in p["sites"].items():
+            lines.append(f"| {name} | {_fmt(s.get('epsilon'))} | {_fmt(s.get('delta'), 3)} | {_fmt(s.get('budget'))} | "
+                         f"{s.get('accountant', p['accountant'])} |")
+        if not p["sites"]:
+            lines.append("| (no site reported) | | | | |")
+        if p["central_dp"] != "none":
+            lines += ["", f"Central site-level DP ({p['central_dp']}): ε = {_fmt(p['central_epsilon'])} "
+                          f"over the rounds (see `central_epsilon` in metrics.jsonl)."]
+    else:
+        lines.append("**No differential privacy**: this run trained with ε = ∞.")
+    lines += ["", "### Protected"] + [f"- {x}" for x in card["protected"] or ["Nothing (no DP)."]]
+    lines += ["", "### Not protected"] + [f"- {x}" for x in card["not_protected"]]
+    f, b = e["final"], e["best_validation"]
+    lines += [
+        "",
+        "## Evaluation",
+        e["protocol"][0].upper() + e["protocol"][1:] + ".",
+        f"Central evaluation over {f['test'].get('users')} users.",
+        "",
+        "| | round | ε spent | " + " | ".join(RESULT_METRICS) + " |",
+        "|---|---|---|" + "---|" * len(RESULT_METRICS),
+    ]
+    for label, res, split in (("final, test", f, "test"), ("final, validation", f, "valid"),
+                              ("best-validation round, test", b, "test"),
+                              (f"cold-start test users ({f['cold'].get('users')}), final", f, "cold")):
+        lines.append(f"| {label} | {res['round']} | {_fmt(res['epsilon'])} | "
+                     + " | ".join(_fmt(res[split][k]) for k in RESULT_METRICS) + " |")
+    if e["baselines"]:
+        lines += ["", "Baselines on the same users (test, best-validation round):", "",
+                  "| baseline | ε | " + " | ".join(RESULT_METRICS) + " |", "|---|---|" + "---|" * len(RESULT_METRICS)]
+        for base in e["baselines"]:
+            lines.append(f"| {base['method']} (`{base['folder']}`) | {_fmt(base['epsilon']) if base['epsilon'] else '∞'} | "
+                         + " | ".join(_fmt(base[k]) for k in RESULT_METRICS) + " |")
+    else:
+        lines += ["", "No baseline runs beside this one (`fedenc baseline NAME` or `fedenc sweep` adds them)."]
+    lines += ["", "Plots: `report.png` (NDCG@10 per round and against ε, per-site ε, loss)."]
+    return "\n".join(lines) + "\n"
+
+
+# -- the plot -----------------------------------------------------------------------------------
+
+
+def _site_order(name: str):
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def site_epsilons(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Per-site ε after each round, when the metrics lines carry a per-site mapping (a dict
+    of ε by site, or of site records with an ``epsilon``); {} when they do not."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for line in rows:
+        for key, value in line.items():
+            if not isinstance(value, dict):
+                continue
+            for site, v in value.items():
+                eps = _number(v.get("epsilon")) if isinstance(v, dict) else (_number(v) if "epsilon" in key else None)
+                if eps is not None:
+                    out.setdefault(str(site), []).append((line["round"], eps))
+    return out
+
+
+def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
+    """``report.png``: NDCG@10 per round and against ε spent (validation and test, with
+    baselines), per-site ε over the rounds, and the loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run)
+    summary, rows = read_run(run)
+    path = Path(path) if path else run / PLOT
+    rounds = [r["round"] for r in rows]
+    eps = [_number(r.get("epsilon")) or 0.0 for r in rows]
+    settings = summary.get("settings") or {}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    title = (f"{run.resolve().name}: {settings.get('dataset', '?')}, {settings.get('num-sites', '?')} sites, "
+             f"{len(rows) - 1} rounds, ε budget {_fmt(_number(settings.get('epsilon'))) if _number(settings.get('epsilon')) else '∞'} per site")
+    fig.suptitle(title, fontsize=13)
+    base = baselines(run, summary)
+
+    def ndcg(split):
+        return [_number(r.get(f"{split}/ndcg@10")) for r in rows]
+
+    def baseline_lines(ax):
+        for i, b in enumerate(base):
+            if b["ndcg@10"] is not None:
+                ax.axhline(b["ndcg@10"], color=f"C{i + 3}", linestyle=":", linewidth=1.2,
+                           label=f"{b['method']} baseline, test ({b['ndcg@10']:.4f})")
+
+    ax = axes[0, 0]
+    ax.plot(rounds, ndcg("valid"), "o-", color="C0", label="validation")
+    ax.plot(rounds, ndcg("test"), "s--", color="C1", label="test")
+    best = summary.get("best_round")
+    if best in rounds:
+        ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"best validation (round {best})")
+    baseline_lines(ax)
+    ax.set_xticks(rounds)
+    ax.set_xticklabels([f"{r}\nε {e:.2f}" for r, e in zip(rounds, eps)] if len(rounds) <= 12 else rounds)
+    ax.set_xlabel("round (and largest ε any site has spent after it)")
+    ax.set_ylabel("NDCG@10 (central evaluation)")
+    ax.set_title("NDCG@10 per round")
+    ax.legend(fontsize=8, loc="best")
+
+    ax = axes[0, 1]
+    if max(eps) > 0:
+        ax.plot(eps, ndcg("valid"), "o-", color="C0", label="validation")
+        ax.plot(eps, ndcg("test"), "s--", color="C1", label="test")
+        for r, e, y in zip(rounds, eps, ndcg("test")):
+            if y is not None:
+                ax.annotate(f"r{r}", (e, y), textcoords="offset points", xytext=(4, 6), fontsize=8, color="C1")
+        baseline_lines(ax)
+        ax.set_xlabel("ε spent (largest over sites)")
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no ε spent: this run trained without DP", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel("NDCG@10 (central evaluation)")
+    ax.set_title("Utility against privacy spent")
+
+    ax = axes[1, 0]
+    per_site = site_epsilons(rows)
+    many = len(per_site) > 10  # one legend entry per site stops being readable
+    for i, (site, points) in enumerate(sorted(per_site.items(), key=lambda kv: _site_order(kv[0]))):
+        xs, ys = zip(*points)
+        if many:
+            ax.plot(xs, ys, "-", color="C0", alpha=0.3, label=f"each of {len(per_site)} sites" if i == 0 else None)
+        else:
+            ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=f"site {site}")
+    if not per_site:  # a run written before metrics.jsonl carried site_epsilon
+        ax.plot(rounds, eps, "o-", color="black", label="largest ε over sites")
+        for i, (site, s) in enumerate(_sites(summary).items()):
+            if _number(s.get("epsilon")) is not None:
+                ax.plot(rounds[-1], s["epsilon"], "D", color=f"C{i % 10}", alpha=0.8,
+                        label=f"site {site} at the end ({s['epsilon']:.3f})")
+        ax.text(0.02, 0.97, "this run's metrics.jsonl has no per-site ε per round;\nmarkers: each site's ε at the end",
+                transform=ax.transAxes, va="top", fontsize=8, color="dimgrey")
+    budget = _number(settings.get("epsilon"))
+    if budget:
+        ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget ε = {budget:g}")
+        ax.set_ylim(0, max([budget] + eps) * 1.2)  # room for the note above the budget line
+    ax.set_xticks(rounds if len(rounds) <= 20 else ax.get_xticks())
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε spent")
+    ax.set_title("Privacy spent per site")
+    ax.legend(fontsize=8, loc="lower right", ncol=2 if len(per_site) > 6 else 1)
+
+    ax = axes[1, 1]
+    train = [(r["round"], _number(r.get("train_loss"))) for r in rows]
+    train = [(x, y) for x, y in train if y is not None]
+    if train:
+        ax.plot(*zip(*train), "o-", color="C2", label="train loss (sites' mean)")
+    valid = [(r["round"], _number(r.get("valid/loss"))) for r in rows]
+    valid = [(x, y) for x, y in valid if y is not None]
+    if valid:
+        ax.plot(*zip(*valid), "s--", color="C0", label="validation loss (central)")
+    if not train:
+        ax.text(0.02, 0.97, "no train loss reported (sites do not release it under DP)", transform=ax.transAxes,
+                va="top", fontsize=8, color="dimgrey")
+    ax.set_xticks(rounds if len(rounds) <= 20 else ax.get_xticks())
+    ax.set_xlabel("round")
+    ax.set_ylabel("cross-entropy of the next item")
+    ax.set_title("Loss")
+    if train or valid:
+        ax.legend(fontsize=8, loc="best")
+
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def write_report(run: str | Path) -> dict[str, Path]:
+    """Write ``MODEL_CARD.md`` and ``report.png`` into ``run`` and the card's facts under
+    ``model_card`` in ``summary.json`` (each file replaced atomically)."""
+    run = Path(run)
+    card = model_card(run)
+    summary, _ = read_run(run)
+    atomic_write_text(run / CARD, card_markdown(card))
+    atomic_write_json(run / "summary.json", summary | {"model_card": card}, indent=1)
+    return {"card": run / CARD, "plot": plot_report(run), "summary": run / "summary.json"}
