@@ -9,6 +9,7 @@ is stopped by PID (its whole tree) in fixture finalizers, whatever happens.
 from __future__ import annotations
 
 import json
+import math
 import os
 import ssl
 import subprocess
@@ -102,9 +103,43 @@ def test_central_epsilon_matches_rdp_and_composes():
     s = _settings(**{"central-dp": "server-fixed", "central-dp-noise": 1.0, "fraction-train": 2 / 3})
     acc = RDPAccountant()
     acc.history = [(1.0, 2 / 3, 5)]
-    assert central_epsilon(s, 5) == pytest.approx(acc.get_epsilon(1e-5))
-    assert 0 < central_epsilon(s, 1) < central_epsilon(s, 2) < central_epsilon(s, 5)
-    assert central_epsilon(_settings(), 5) == 0.0
+    assert central_epsilon(s, [(1.0, 2 / 3)] * 5) == pytest.approx(acc.get_epsilon(1e-5))
+    assert 0 < central_epsilon(s, [(1.0, 1.0)]) < central_epsilon(s, [(1.0, 1.0)] * 2)
+    assert central_epsilon(s, [(0.0, 1.0)]) == math.inf  # no noise, no guarantee
+    assert central_epsilon(_settings(), [(1.0, 1.0)]) == 0.0
+
+
+def _gaussian_epsilon(z: float, delta: float) -> float:
+    """ε of one Gaussian mechanism with noise multiplier z, from its RDP α/(2z²) (Mironov 2017)
+    and the conversion of Balle et al. 2020 (Thm 21), over a fine grid of orders."""
+    orders = [1 + x / 100 for x in range(1, 20_000)]
+    return min(a / (2 * z * z) + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1) for a in orders)
+
+
+def test_central_dp_noise_follows_the_updates_averaged_and_epsilon_the_noise_applied(monkeypatch):
+    """One of 3 sampled sites refuses: 2 updates are averaged. The reported ε must be the ε of
+    the noise actually added to that mean, recomputed here from the std Flower applied."""
+    import flwr.serverapp.strategy.dp_fixed_clipping as flower_dp
+
+    from common.transport import to_array_record
+    from server import central_dp
+    from server.strategy import BudgetAwareFedAvg, SiteRoster
+
+    applied = []
+    real = flower_dp.add_gaussian_noise_inplace
+    monkeypatch.setattr(flower_dp, "add_gaussian_noise_inplace", lambda arrays, std: (applied.append(std), real(arrays, std)))
+    s = _settings(**{"central-dp": "server-fixed", "central-dp-noise": 1.5, "central-dp-clip": 2.0})
+    inner = BudgetAwareFedAvg(fraction_train=1.0, min_available_nodes=1, roster=SiteRoster(3, 1, 0.0))
+    wrapped = central_dp.wrap(inner, s)
+    wrapped.current_arrays = to_array_record({"w": np.zeros(4, np.float32)})
+    averaged = [_reply(i, {"w": np.full(4, 0.1 * (i + 1), np.float32)}, users=10) for i in range(2)]  # the third refused
+    arrays, _ = wrapped.aggregate_train(1, averaged)
+    assert arrays is not None and len(applied) == 1
+    z_applied = applied[0] * len(averaged) / 2.0  # std × m / clip: the multiplier of the mean's sensitivity
+    assert z_applied == pytest.approx(1.5)  # not 1.5 × 2/3, as a std calibrated for 3 sites would be
+    reported = central_dp.central_epsilon(s, wrapped.releases)
+    assert reported == pytest.approx(_gaussian_epsilon(z_applied, 1e-5), rel=0.01)
+    assert isinstance(inner._rng, __import__("random").SystemRandom)  # secret site sampling
 
 
 class _Reply(SimpleNamespace):
@@ -128,8 +163,10 @@ def test_server_side_clipping_bounds_each_site_and_averages_unweighted():
     from server import central_dp
     from server.strategy import BudgetAwareFedAvg
 
+    from server.strategy import SiteRoster
+
     s = _settings(**{"central-dp": "server-fixed", "central-dp-noise": 0.0, "central-dp-clip": 1.0})
-    wrapped = central_dp.wrap(BudgetAwareFedAvg(fraction_train=1.0, min_available_nodes=3), s)
+    wrapped = central_dp.wrap(BudgetAwareFedAvg(fraction_train=1.0, min_available_nodes=3, roster=SiteRoster(3, 1, 0.0)), s)
     glob = {"w": np.zeros(4, np.float32)}
     wrapped.current_arrays = to_array_record(glob)  # what configure_train records
     updates = [np.array([3.0, 4.0, 0, 0]), np.array([0, 0.5, 0, 0]), np.array([0, 0, 0, 10.0])]
@@ -137,7 +174,7 @@ def test_server_side_clipping_bounds_each_site_and_averages_unweighted():
     arrays, _ = wrapped.aggregate_train(1, replies)
     clipped = [u / max(1.0, np.linalg.norm(u)) for u in updates]
     np.testing.assert_allclose(from_array_record(arrays)["w"], np.mean(clipped, axis=0), atol=1e-6)
-    assert wrapped.strategy.last_round["sites"] == 3
+    assert wrapped.releases == [(0.0, 1.0)]  # one noised round, recorded with the noise it had
 
 
 def test_client_side_clipping_mod_clips_before_the_update_leaves(monkeypatch):
