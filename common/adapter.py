@@ -31,8 +31,10 @@ def _clean(name: str) -> str:
 def trainable_state(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     """Trainable parameters as CPU numpy arrays, in a stable order.
 
-    >>> state = trainable_state(model); list(state)[:1]  # doctest: +SKIP
-    ['encoder.model.base_model.model.encoder.layer.5.attention.self.query.lora_B.default.weight']
+    Example (the default model)::
+
+        list(trainable_state(model))[:1]
+        # ['encoder.model.base_model.model.encoder.layer.5.attention.self.query.lora_B.default.weight']
     """
     return OrderedDict(
         (_clean(name), p.detach().to("cpu", torch.float32).numpy().copy())
@@ -73,8 +75,10 @@ def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, directory: str | Path, settings: dict) -> None:
     """Write the global model: PEFT adapter files + head tensors + model settings.
 
-    >>> save_adapter(model, "out/adapter", {"model": "default"})  # doctest: +SKIP
-    >>> PeftModel.from_pretrained(AutoModel.from_pretrained(base), "out/adapter")  # doctest: +SKIP
+    Example::
+
+        save_adapter(model, "out/adapter", {"model": "default"})
+        PeftModel.from_pretrained(AutoModel.from_pretrained(base), "out/adapter")
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

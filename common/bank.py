@@ -35,7 +35,9 @@ def _fingerprint(backbone: nn.Module, texts: list[str], max_tokens: int) -> str:
 def item_bank(backbone: nn.Module, tokenizer, name: str, texts: list[str], max_tokens: int) -> torch.Tensor:
     """Pooled base-encoder vectors of every item text, (N, H); computed once per catalogue.
 
-    >>> bank = item_bank(backbone, tokenizer, "default", ["Toy Story (1995) | Animation"], 32)  # doctest: +SKIP
+    Example::
+
+        bank = item_bank(backbone, tokenizer, "default", ["Toy Story (1995) | Animation"], 32)  # (1, 384)
     """
     path = cache_dir() / f"bank-{_fingerprint(backbone, texts, max_tokens)}.pt"
     if path.exists():

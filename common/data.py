@@ -13,8 +13,10 @@ stable sort per user (ties keep file order), duplicates dropped keeping the
 first occurrence, users with fewer than ``k_core`` interactions dropped. The
 item catalogue is never filtered: ranking is over every item.
 
->>> data = load(DataSpec())                      # doctest: +SKIP
->>> split = leave_one_out(data)                  # doctest: +SKIP
+Example::
+
+    data = load(DataSpec())  # the built-in MovieTweetings
+    split = leave_one_out(data)
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ class Interactions:
         Stable across processes and machines (no Python ``hash``), so a site and
         the server can check they read the same data.
 
-        >>> data.fingerprint() == data.fingerprint(range(len(data.user_ids)))  # doctest: +SKIP
-        True
+        Example::
+
+            data.fingerprint() == data.fingerprint(range(len(data.user_ids)))  # True
         """
         h = hashlib.sha256(b"fedenc-interactions-v1")
         for item in self.catalogue.item_ids:
@@ -117,8 +120,9 @@ class Split:
     def popularity(self, users: Sequence[int] | None = None) -> np.ndarray:
         """Per-item interaction counts over TRAIN items only (of the given users).
 
-        >>> split.popularity([0, 3]).shape == (len(data.catalogue),)  # doctest: +SKIP
-        True
+        Example::
+
+            split.popularity([0, 3]).shape == (len(data.catalogue),)  # True
         """
         chosen = range(len(self.train)) if users is None else users
         seqs = [self.train[u] for u in chosen]
@@ -165,9 +169,10 @@ def spec_for(dataset: str, items_path: str | None = None, **settings) -> DataSpe
 def load(spec: DataSpec) -> Interactions:
     """Read and preprocess a dataset; raises DataError on any bad input.
 
-    >>> data = load(DataSpec(dataset="movielens", data_path="ml-100k"))  # doctest: +SKIP
-    >>> data.raw_counts  # doctest: +SKIP
-    {'users': 943, 'items': 1682, 'interactions': 100000}
+    Example::
+
+        data = load(DataSpec(dataset="movielens", data_path="data/ml-100k"))
+        data.raw_counts  # {'users': 943, 'items': 1682, 'interactions': 100000}
     """
     if spec.dataset not in DATASETS:
         raise DataError(f"unknown dataset '{spec.dataset}': expected one of {', '.join(DATASETS)}")
@@ -198,8 +203,10 @@ def load(spec: DataSpec) -> Interactions:
 def build_catalogue(raw: RawData, text_columns: Sequence[str] | None, template: str | None) -> Catalogue:
     """Render every item's text from the chosen columns (or a template).
 
-    >>> build_catalogue(sources.read_movietweetings(), None, None).texts[0]  # doctest: +SKIP
-    "Fantômas - À l'ombre de la guillotine (1913) | Crime, Drama"
+    Example::
+
+        build_catalogue(sources.read_movietweetings(), None, None).texts[0]
+        # "Fantômas - À l'ombre de la guillotine (1913) | Crime, Drama"
     """
     items = raw.items
     available = [c for c in items.columns if c != "item_id"]
@@ -309,9 +316,10 @@ def _sorted_ids(ids) -> list[str]:
 def leave_one_out(data: Interactions) -> Split:
     """Last item = test, second-to-last = validation, the rest = train.
 
-    >>> split = leave_one_out(data)  # doctest: +SKIP
-    >>> int(split.test[0]) == int(data.sequences[0][-1])  # doctest: +SKIP
-    True
+    >>> rows = pd.DataFrame({"user_id": ["u"] * 4, "item_id": list("abcd"), "timestamp": [4, 3, 2, 1]})
+    >>> split = leave_one_out(preprocess(rows, Catalogue(tuple("abcd"), tuple("ABCD"), ((),) * 4), name="toy", k_core=3))
+    >>> split.train[0].tolist(), int(split.valid[0]), int(split.test[0])
+    ([3, 2], 1, 0)
     """
     short = [u for u, s in enumerate(data.sequences) if len(s) < 3]
     if short:
@@ -330,8 +338,9 @@ def leave_one_out(data: Interactions) -> Split:
 def summary(data: Interactions, split: Split) -> dict:
     """Counts and shape of a preprocessed dataset, as ``fedenc data describe`` shows them.
 
-    >>> summary(data, leave_one_out(data))["users"]  # doctest: +SKIP
-    943
+    Example::
+
+        summary(data, leave_one_out(data))["users"]  # 943 for MovieLens-100K
     """
     lengths = np.array([len(s) for s in data.sequences])
     interactions = int(lengths.sum())

@@ -60,7 +60,9 @@ def resolve_model_path(name: str) -> str:
 def load_backbone(name: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load an ``AutoModel`` and its tokenizer from disk, never from the network.
 
-    >>> model, tokenizer = load_backbone("default")  # doctest: +SKIP
+    Example::
+
+        model, tokenizer = load_backbone("default")  # all-MiniLM-L6-v2, from the installed package
     """
     path = resolve_model_path(name)
     try:
@@ -164,8 +166,10 @@ class SplitEncoder(nn.Module):
     The split is done with hooks on the block list, so it works for any architecture
     whose blocks take the hidden states as first argument.
 
-    >>> enc = SplitEncoder(peft_model, split=5, last_token=False)  # doctest: +SKIP
-    >>> states = enc.lower(ids, mask); vec = enc(states, mask)      # doctest: +SKIP
+    Example::
+
+        enc = SplitEncoder(peft_model, split=5, last_token=False)
+        states = enc.lower(ids, mask); vec = enc(states, mask)
     """
 
     def __init__(self, model: nn.Module, split: int, last_token: bool):

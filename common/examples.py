@@ -43,8 +43,10 @@ def training_rows(
 ) -> TensorDataset:
     """One row per user: history = train[:c], targets = train[c:], c = max(1, n - P).
 
-    >>> ds = training_rows(cat, split, [0, 1], tok, 64, 20, 8)  # doctest: +SKIP
-    >>> ids, mask, history, targets = ds[0]                      # doctest: +SKIP
+    Example::
+
+        ds = training_rows(cat, split, [0, 1], tokenizer, 64, 20, 8)
+        ids, mask, history, targets = ds[0]
     """
     histories, targets = [], []
     for u in users:

@@ -103,8 +103,10 @@ class Recommender(nn.Module):
     lower-layer states (:func:`common.training.with_lower_states`), ``mask`` (B, T), ``history`` (B, M) item indices most recent first (-1 = pad),
     ``targets`` (B, P) item indices (-1 = pad).
 
-    >>> model = Recommender.build(ModelSettings(), item_texts)         # doctest: +SKIP
-    >>> loss = model.loss(batch); scores = model.score_all(batch)      # doctest: +SKIP
+    Example::
+
+        model = Recommender.build(ModelSettings(), item_texts)
+        loss = model.loss(batch); scores = model.score_all(batch)
     """
 
     def __init__(self, encoder: SplitEncoder, tokenizer, bank: torch.Tensor, settings: ModelSettings, prior=None):

@@ -36,9 +36,12 @@ def partition_users(
     - ``natural``: by a user attribute (``column``, e.g. occupation or site); when it has
       more values than sites, whole values are packed into sites, largest first.
 
-    >>> sites = partition_users(data, 10, "natural", column="occupation")  # doctest: +SKIP
-    >>> sum(len(s) for s in sites) == len(data.user_ids)  # doctest: +SKIP
-    True
+    >>> import pandas as pd
+    >>> from common.data import Catalogue, preprocess
+    >>> rows = pd.DataFrame({"user_id": [f"u{i // 3}" for i in range(30)], "item_id": list("abc") * 10, "timestamp": range(30)})
+    >>> data = preprocess(rows, Catalogue(tuple("abc"), tuple("ABC"), ((),) * 3), name="toy", k_core=3)
+    >>> sorted(len(s) for s in partition_users(data, 3, "iid"))
+    [3, 3, 4]
     """
     num_users = len(data.user_ids)
     if num_sites < 1:
@@ -91,7 +94,9 @@ def dominant_categories(data: Interactions) -> list[str]:
 
     Users whose items have no categories get "unknown".
 
-    >>> dominant_categories(data)[:2]  # doctest: +SKIP
+    Example (MovieLens genres)::
+
+        dominant_categories(data)[:2]  # e.g. ['Drama', 'Comedy']
     ['Drama', 'Comedy']
     """
     categories = data.catalogue.categories
@@ -133,7 +138,9 @@ def _natural_sites(data: Interactions, column: str | None, num_sites: int) -> li
 def site_values(data: Interactions, sites: list[np.ndarray], column: str) -> list[list[str]]:
     """The attribute values each site holds (for reports of natural partitions).
 
-    >>> site_values(data, sites, "occupation")[0]  # doctest: +SKIP
+    Example::
+
+        site_values(data, sites, "occupation")[0]  # e.g. ['educator', 'lawyer']
     ['student']
     """
     values = data.user_attributes[column].fillna(UNKNOWN).astype(str).to_numpy()

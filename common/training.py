@@ -81,9 +81,10 @@ def train_local(
     planned schedule and kept in the ledger; the round is refused (:class:`BudgetExhausted`)
     if it would push the ledger past its budget.
 
-    >>> new_state, metrics = train_local(model, state, rows, TrainSettings(), PrivacySettings(epsilon=8))  # doctest: +SKIP
-    >>> metrics["epsilon"] <= 8  # doctest: +SKIP
-    True
+    Example::
+
+        new_state, metrics = train_local(model, state, rows, TrainSettings(), PrivacySettings(epsilon=8))
+        metrics["epsilon"]  # at most 8
     """
     device = resolve_device(train.device)
     model.to(device)

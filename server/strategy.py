@@ -85,7 +85,9 @@ class BudgetAwareFedAvg(FedAvg):
 def collect_counts(grid: Grid, num_sites: int, timeout: float = 3600) -> tuple[np.ndarray, list[dict]]:
     """Ask every site once for its (DP) item counts and sum them.
 
-    >>> counts, reports = collect_counts(grid, 5)  # doctest: +SKIP
+    Example (inside the ServerApp, which holds the grid)::
+
+        counts, reports = collect_counts(grid, 5)
     """
     _, nodes = sample_nodes(grid, num_sites, num_sites)
     query = RecordDict({"config": ConfigRecord({"task": "popularity-prior"})})

@@ -7,8 +7,10 @@ central evaluation are :class:`common.central.CentralEvaluator`'s, training is
 ``summary.json``, ``adapter/``) are written by :class:`common.central.RunRecorder`,
 exactly as the ServerApp writes them.
 
->>> summary = run_baseline("popularity", {"dataset": "movietweetings"}, "runs/pop")  # doctest: +SKIP
->>> summary["best_validation"]["ndcg@10"]                                            # doctest: +SKIP
+Example::
+
+    summary = run_baseline("popularity", {"dataset": "movietweetings"}, "runs/pop")
+    summary["best_validation"]["ndcg@10"]
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The ``fedenc`` command line.
 
->>> # fedenc data describe --dataset movietweetings --sites 10 --partition iid
+Example::
+
+    fedenc data describe --dataset movietweetings --sites 10 --partition iid
 """
 
 from __future__ import annotations

@@ -49,9 +49,10 @@ def make_certs(out: str | Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"
     (``server.pem``/``server.key``), signed by the CA. Existing files are kept
     (a new CA would invalidate every site's copy): delete the folder to renew.
 
-    >>> paths = make_certs("certs")  # doctest: +SKIP
-    >>> sorted(paths)                # doctest: +SKIP
-    ['ca', 'ca_key', 'cert', 'key']
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     sorted((k, p.name) for k, p in make_certs(tmp).items())
+    [('ca', 'ca.crt'), ('ca_key', 'ca.key'), ('cert', 'server.pem'), ('key', 'server.key')]
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

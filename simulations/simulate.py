@@ -142,8 +142,10 @@ def simulate(
 ) -> dict:
     """Run one simulation with run-config ``config`` into ``out``; return its summary.
 
-    >>> summary = simulate({"num-sites": 2, "num-server-rounds": 2}, "runs/demo")  # doctest: +SKIP
-    >>> summary["final"]["ndcg@10"]                                                # doctest: +SKIP
+    Example::
+
+        summary = simulate({"num-sites": 2, "num-server-rounds": 2}, "runs/demo")
+        summary["final"]["ndcg@10"]
     """
     out = Path(out).resolve()
     config = dict(config)
