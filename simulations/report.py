@@ -118,9 +118,18 @@ def baselines(run: Path, summary: dict) -> list[dict]:
         if other.get("method") not in BASELINES or not _comparable(summary, other):
             continue
         best = other.get("best_validation") or {}
-        found.append({"method": other["method"], "epsilon": _number((other.get("settings") or {}).get("epsilon")),
-                      "folder": folder.name} | {k: _number(best.get(f"test/{k}", best.get(k))) for k in RESULT_METRICS})
+        found.append({"method": other["method"], "privacy": _baseline_privacy(other), "folder": folder.name}
+                     | {k: _number(best.get(f"test/{k}", best.get(k))) for k in RESULT_METRICS})
     return found
+
+
+def _baseline_privacy(summary: dict) -> str:
+    if summary.get("method") in ("popularity", "zeroshot"):
+        return "no training"
+    budget = _number((summary.get("settings") or {}).get("epsilon"))
+    if budget is None:
+        return "∞ (no DP)"
+    return f"ε {_fmt(_number(summary.get('epsilon')))} of {budget:g}"
 
 
 def _results(line: dict) -> dict:
@@ -156,7 +165,7 @@ def model_card(run: str | Path) -> dict:
                                                ("user projection", "train-projection"),
                                                ("logit scale", "learn-logit-scale")) if settings.get(key)],
             "trainable_parameters": (summary["bytes_per_update"] // 4) if isinstance(summary.get("bytes_per_update"), int) else None,
-            "popularity_prior": (run / "prior.npy").is_file(),
+            "popularity_prior": (_number(settings.get("popularity-prior")) or 0.0) > 0,
             "history": {"items": settings.get("max-history"), "tokens": settings.get("max-tokens")},
         },
         "data": _data(settings),
@@ -252,7 +261,7 @@ def card_markdown(card: dict) -> str:
         + (f" ({m['trainable_parameters']:,} parameters)" if m["trainable_parameters"] else "") + ".",
         f"- User history: the {m['history']['items']} most recent items, as text of at most {m['history']['tokens']} "
         "tokens plus attention over their catalogue vectors.",
-        "- Popularity prior: " + ("a DP log-popularity base over the sites' noisy item counts (`prior.npy`)."
+        "- Popularity prior: " + ("a log-popularity base over the sites' item counts (DP-noised under DP)."
                                   if m["popularity_prior"] else "none."),
         "",
         "## Data and sites",
@@ -299,9 +308,9 @@ def card_markdown(card: dict) -> str:
                      + " | ".join(_fmt(res[split][k]) for k in RESULT_METRICS) + " |")
     if e["baselines"]:
         lines += ["", "Baselines on the same users (test, best-validation round):", "",
-                  "| baseline | ε | " + " | ".join(RESULT_METRICS) + " |", "|---|---|" + "---|" * len(RESULT_METRICS)]
+                  "| baseline | privacy | " + " | ".join(RESULT_METRICS) + " |", "|---|---|" + "---|" * len(RESULT_METRICS)]
         for base in e["baselines"]:
-            lines.append(f"| {base['method']} (`{base['folder']}`) | {_fmt(base['epsilon']) if base['epsilon'] else '∞'} | "
+            lines.append(f"| {base['method']} (`{base['folder']}`) | {base['privacy']} | "
                          + " | ".join(_fmt(base[k]) for k in RESULT_METRICS) + " |")
     else:
         lines += ["", "No baseline runs beside this one (`fedenc baseline NAME` or `fedenc sweep` adds them)."]
@@ -354,11 +363,20 @@ def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
     def ndcg(split):
         return [_number(r.get(f"{split}/ndcg@10")) for r in rows]
 
+    # The y range follows the run's own curves; a baseline far outside it would flatten
+    # them, so it stays in the legend only.
+    own = [y for y in ndcg("valid") + ndcg("test") if y is not None] or [0.0]
+    margin = max(max(own) - min(own), 0.05 * max(own), 1e-3)
+    low, high = min(own) - margin, max(own) + margin
+
     def baseline_lines(ax):
         for i, b in enumerate(base):
-            if b["ndcg@10"] is not None:
-                ax.axhline(b["ndcg@10"], color=f"C{i + 3}", linestyle=":", linewidth=1.2,
-                           label=f"{b['method']} baseline, test ({b['ndcg@10']:.4f})")
+            y = b["ndcg@10"]
+            if y is None:
+                continue
+            where = "" if low <= y <= high else (" – below the axis" if y < low else " – above the axis")
+            ax.axhline(y, color=f"C{i + 3}", linestyle=":", linewidth=1.5, label=f"{b['method']} baseline, test ({y:.4f}){where}")
+        ax.set_ylim(max(low, 0.0), high)
 
     ax = axes[0, 0]
     ax.plot(rounds, ndcg("valid"), "o-", color="C0", label="validation")
