@@ -73,6 +73,19 @@ class Catalogue:
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    def fingerprint(self) -> str:
+        """SHA-256 over the item ids and item texts, in order: two parties with the same
+        fingerprint put every item bias and count on the same item.
+
+        >>> Catalogue(("a", "b"), ("A", "B"), ((), ())).fingerprint() == Catalogue(("b", "a"), ("B", "A"), ((), ())).fingerprint()
+        False
+        """
+        h = hashlib.sha256(b"fedenc-catalogue-v1")
+        for item, text in zip(self.item_ids, self.texts, strict=True):
+            _update_framed(h, item.encode())
+            _update_framed(h, text.encode())
+        return h.hexdigest()
+
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays and frames do not compare to one bool
 class Interactions:
@@ -219,6 +232,10 @@ def build_catalogue(raw: RawData, text_columns: Sequence[str] | None, template: 
             f"(available: {', '.join(available)})"
         )
     values = items[available].fillna("").astype(str)
+    ids = items["item_id"].astype(str).str.strip()
+    if (ids == "").any():
+        row = int(np.flatnonzero((ids == "").to_numpy())[0])
+        raise DataError(f"{raw.items_source}: empty item_id (data row {row + 1})")
     texts = tuple(render_item(row, columns, template) for row in values.to_dict("records"))
     return Catalogue(tuple(items["item_id"]), texts, raw.categories)
 
@@ -244,6 +261,11 @@ def preprocess(
     >>> preprocess(rows, cat, name="toy", k_core=1).sequences[0].tolist()
     [0, 1]
     """
+    for column in ("user_id", "item_id"):
+        empty = interactions[column].isna() | (interactions[column].astype(str).str.strip() == "")
+        if empty.any():
+            row = int(np.flatnonzero(empty.to_numpy())[0])
+            raise DataError(f"{source}: empty {column} (data row {row + 1}); every interaction needs a user and an item")
     raw_counts = {
         "users": int(interactions["user_id"].nunique()),
         "items": int(interactions["item_id"].nunique()),

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+_log = logging.getLogger(__name__)
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 # Items CSV columns whose '|'-separated values are the item's categories (first found wins).
@@ -211,12 +214,8 @@ def read_csv_pair(interactions_path: Path, items_path: Path) -> RawData:
     extra = [c for c in frame.columns if c not in (*INTERACTION_COLUMNS, "rating")]
     attributes = None
     if extra:
-        per_user = frame.groupby("user_id", sort=False)[extra]
-        constant = per_user.nunique() <= 1
-        if "site" in extra and not constant["site"].all():
-            user = constant.index[~constant["site"]][0]
-            raise DataError(f"{interactions_path}: column 'site' must be constant per user; user {user!r} has several")
-        attributes = per_user.first()[[c for c in extra if constant[c].all()]]
+        attributes = pd.DataFrame({c: per_user_values(frame["user_id"], frame[c], interactions["timestamp"], str(interactions_path))
+                                   for c in extra})
 
     items = _read_table(items_path, ("item_id",))
     duplicated = items["item_id"][items["item_id"].duplicated()]
@@ -237,6 +236,26 @@ def read_csv_pair(interactions_path: Path, items_path: Path) -> RawData:
         interactions_source=str(interactions_path),
         items_source=str(items_path),
     )
+
+
+def per_user_values(users: pd.Series, values: pd.Series, times, source: str) -> pd.Series:
+    """One value per user from a per-interaction column (real logs record e.g. the country
+    of every visit): the user's most frequent value, ties going to the most recent one.
+    Logs one line when some users had several values. Indexed by user id, in order of
+    first appearance.
+
+    >>> per_user_values(pd.Series(["u", "u", "u", "v"]), pd.Series(["fr", "de", "de", "fr"], name="site"), [1, 2, 3, 4], "x").tolist()
+    ['de', 'fr']
+    """
+    rows = pd.DataFrame({"user": users.to_numpy(), "value": values.to_numpy(), "time": np.asarray(times),
+                         "row": np.arange(len(users))})
+    per_pair = rows.groupby(["user", "value"], sort=False).agg(n=("row", "size"), time=("time", "max"), row=("row", "max"))
+    best = per_pair.reset_index().sort_values(["n", "time", "row"], ascending=False).drop_duplicates("user")
+    varying = int((per_pair.groupby(level="user", sort=False).size() > 1).sum())
+    if varying:
+        _log.warning("%s: column %r varies within %d user(s); each gets their most frequent value (ties: the most recent)",
+                     source, values.name, varying)
+    return best.set_index("user")["value"].reindex(pd.unique(users.to_numpy()))
 
 
 def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:

@@ -1,5 +1,8 @@
 """fedenc ServerApp: FedAvg over the sites' adapters, central evaluation after every
-round, per-site ε tracking, a checkpoint per round, results in ``out-dir``."""
+round, per-site ε tracking, a checkpoint per round, results in ``out-dir``.
+
+A run that cannot go on (too few sites, ``max-failed-rounds`` skipped rounds in a row,
+no site trained at all) writes its one-line reason to ``failure.json`` and fails."""
 
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.central import CentralEvaluator, RunRecorder, set_server_threads, warm_start
 from common.config import Settings
+from common.prior import log_prior
 from common.transport import from_array_record, to_array_record
 from server import central_dp
-from common.prior import log_prior
-from server.strategy import BudgetAwareFedAvg, collect_counts
+from server.strategy import BudgetAwareFedAvg, RunFailed, ScreenedRounds, SiteRoster, collect_counts, derived_update_bound
 
 app = ServerApp()
 
@@ -26,12 +29,25 @@ def main(grid: Grid, context: Context) -> None:
     settings = Settings.from_config(context.run_config)
     set_server_threads()
     recorder = RunRecorder.open(settings["out-dir"] or "runs/latest", settings)
+    try:
+        federate(grid, settings, recorder)
+    except RunFailed as err:
+        recorder.fail(str(err))
+        log(logging.ERROR, "fedenc run failed: %s", err)
+        raise
+
+
+def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
     evaluator = CentralEvaluator(settings)
-    prior = None  # the popularity prior must be in place before the state that travels is taken
+    catalogue = evaluator.data.catalogue
+    identity = {"run-token": recorder.run_token, "catalogue": catalogue.fingerprint()}
+    roster = SiteRoster(settings.num_sites, settings["min-sites"], settings["wait-for-sites"])
+    prior, prior_round = None, None  # the prior must be in place before the state that travels is taken
     if settings["popularity-prior"] > 0:
         prior = recorder.saved_prior()
         if prior is None:
-            counts, reports = collect_counts(grid, settings.num_sites)
+            query = ConfigRecord({"task": "popularity-prior"} | identity)
+            counts, reports, prior_round = collect_counts(grid, roster, query, len(catalogue), settings["round-timeout"])
             recorder.record_sites([r | {"stage": "prior"} for r in reports])
             prior = log_prior(counts)
             recorder.save_prior(prior)
@@ -42,38 +58,50 @@ def main(grid: Grid, context: Context) -> None:
         state = evaluator.initial_state()
         if settings["warm-start"]:
             state.update(warm_start(settings))
-    remaining = settings.rounds - recorder.start_round
-    num_sites = settings.num_sites
-    strategy = BudgetAwareFedAvg(
+    bound = settings["max-update-norm"] or derived_update_bound(
+        settings["learning-rate"], settings["local-steps"], sum(v.size for v in state.values()))
+    sites = BudgetAwareFedAvg(
         fraction_train=settings["fraction-train"],
         fraction_evaluate=settings["fraction-evaluate"],
-        min_train_nodes=1,
-        min_evaluate_nodes=1 if settings["fraction-evaluate"] > 0 else 0,
-        min_available_nodes=num_sites,
+        min_available_nodes=settings["min-sites"],
+        roster=roster,
         seed=settings["seed"] + recorder.start_round,
+        start_round=recorder.start_round,
     )
-    strategy.prior = prior
+    sites.prior = prior
+    # checks first, then central DP's clipping and noise (if set), then the average
+    trainer = central_dp.wrap(sites, settings, recorder.releases)
+    rounds = ScreenedRounds(trainer, roster, bound, settings["max-failed-rounds"])
 
     def central_evaluation(server_round: int, arrays) -> MetricRecord:
         rnd = recorder.start_round + server_round
         current = from_array_record(arrays)
-        metrics = evaluator(current) | {"central_epsilon": central_dp.central_epsilon(settings, rnd)}
+        recorder.releases = list(getattr(trainer, "releases", []))  # kept by the checkpoint for --resume
+        metrics = evaluator(current) | {"central_epsilon": central_dp.central_epsilon(settings, recorder.releases)}
         if server_round == 0 and recorder.start_round > 0:
             return MetricRecord({k: float(v) for k, v in metrics.items()})
-        recorder.record_sites(strategy.site_reports)
-        strategy.site_reports = []
-        line = recorder.round_done(rnd, metrics, strategy.last_round if server_round else {}, evaluator.model, current)
+        recorder.record_sites(rounds.site_reports)
+        rounds.site_reports = []
+        taken = rounds.last_round if server_round else prior_round
+        line = recorder.round_done(rnd, metrics, taken.line() if taken else {}, evaluator.model, current)
         log(logging.INFO, "fedenc %s", json.dumps({"progress": {k: line[k] for k in ("round", "ndcg@10", "hr@10", "epsilon", "train_loss", "sites", "seconds")}}))
+        if server_round:
+            rounds.check_progress(rnd)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
-    trainer = central_dp.wrap(strategy, settings)  # the strategy itself unless central-dp is set
-    result = trainer.start(
+    result = rounds.start(
         grid=grid,
         initial_arrays=to_array_record(state, fp16=settings["transport-fp16"]),
-        num_rounds=remaining,
-        train_config=ConfigRecord({"num-rounds": settings.rounds}),
+        num_rounds=settings.rounds - recorder.start_round,
+        timeout=settings["round-timeout"],
+        train_config=ConfigRecord({"num-rounds": settings.rounds} | identity),
+        evaluate_config=ConfigRecord(dict(identity)),
         evaluate_fn=central_evaluation,
     )
+    if not recorder.trained_any():
+        r = rounds.last_round
+        why = "; ".join(f"site {s}: {w}" for s, w in (r.failed | r.rejected | r.refused).items()) or r.skipped
+        raise RunFailed(f"no site trained in any round (last round: {why or 'no site was sampled'})")
     final = from_array_record(result.arrays) if result.arrays is not None and len(result.arrays) else state
     recorder.finish(evaluator.model, final)
     log(logging.INFO, "fedenc results in %s", Path(recorder.out).resolve())

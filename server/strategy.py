@@ -1,101 +1,360 @@
-"""FedAvg over the adapter arrays that also respects the sites' privacy budgets.
+"""Federated rounds that survive their partner sites.
 
-It differs from Flower's FedAvg in three ways: a site that reported its budget spent
-is not selected again; a site's refusal (it sends back the global arrays with zero
-examples) is left out of the average; and a failed reply fails the run, because a
-silently shrinking federation would corrupt a privacy experiment.
+Two strategies, one inside the other (server/app.py puts Flower's central-DP wrapper,
+when enabled, between them, so that it only ever sees checked updates):
+
+- :class:`ScreenedRounds`, the outer one, checks every train reply before anything
+  averages it (keys, shapes and dtypes of the global state, finite values, an L2 bound
+  on the update), records per round which sites were sampled, trained, failed (an error
+  or no reply), refused or were rejected and why, skips a round with fewer than
+  ``min-sites`` valid updates (the global model is kept), and ends the run with
+  :class:`RunFailed` after ``max-failed-rounds`` skipped rounds in a row;
+- :class:`BudgetAwareFedAvg`, the inner one, samples the connected sites whose budget is
+  not spent (waiting at most ``wait-for-sites``), builds the messages of the contract
+  (notes/CONTRACT.md) and averages the updates it is given, every site weighing 1: DP
+  sites do not send their user counts, and a claimed count is not something the server
+  can check.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import random
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
-
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from common.transport import from_array_record, to_array_record
+
+# Adam's per-coordinate step is lr × m̂/√v̂. By Cauchy-Schwarz over the exponentially
+# weighted gradients, |m̂/√v̂| ≤ sqrt((1-β1)²/((1-β2)(1-β1²/β2))) ≈ 7.27 for the default
+# betas (0.9, 0.999), whatever the gradients are: DP noise and clipping cannot push an
+# honest site past it. (Kingma & Ba's "≈ lr" is typical, not a bound.)
+_B1, _B2 = 0.9, 0.999
+ADAM_STEP_BOUND = math.sqrt((1 - _B1) ** 2 / ((1 - _B2) * (1 - _B1**2 / _B2)))
 
 
-class RoundFailed(RuntimeError):
-    """A site replied with an error."""
+class RunFailed(RuntimeError):
+    """No round can make progress; the message is the one-line reason."""
+
+
+def derived_update_bound(learning_rate: float, local_steps: int, num_params: int) -> float:
+    """The largest L2 norm an honest site's update can have: each of ``local_steps`` steps
+    of a fresh Adam (train_local) moves each of ``num_params`` coordinates by at most
+    ``ADAM_STEP_BOUND × learning_rate``. Derived from the schedule rather than from the
+    round's median, which a minority of 1 of 2 sites would already move.
+
+    >>> round(derived_update_bound(0.02, 10, 10_000), 1)
+    145.4
+    """
+    return ADAM_STEP_BOUND * learning_rate * local_steps * math.sqrt(num_params)
+
+
+def check_update(sent: ArrayRecord, reply: RecordDict, bound: float) -> tuple[dict[str, np.ndarray] | None, str]:
+    """(the reply's state, "") when it is a usable update of ``sent``, else (None, why).
+
+    ``bound`` limits the L2 norm of the update (reply − sent) over all arrays; fp16
+    transport adds up to 2⁻¹¹ relative rounding per coordinate, allowed on top.
+    """
+    arrays = reply.array_records.get("arrays")
+    if arrays is None:
+        return None, "the reply has no 'arrays' record"
+    missing, extra = sorted(set(sent) - set(arrays)), sorted(set(arrays) - set(sent))
+    if missing or extra:
+        return None, f"arrays differ from the global state: missing {missing[:3]}, unexpected {extra[:3]}"
+    for key, ref in sent.items():
+        got = arrays[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            return None, f"{key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return None, f"{key!r} has dtype {got.dtype}, expected {ref.dtype}"
+    state = from_array_record(arrays)
+    reference = from_array_record(sent)
+    for key, value in state.items():
+        if not np.isfinite(value).all():
+            return None, f"{key!r} holds non-finite values"
+    norm = math.sqrt(sum(float(np.sum((state[k].astype(np.float64) - reference[k]) ** 2)) for k in state))
+    slack = 2.0**-10 * math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in state.values()))
+    if norm > bound + (slack if any(a.dtype == "float16" for a in sent.values()) else 0.0):
+        return None, f"update norm {norm:.4g} exceeds the bound {bound:.4g} (max-update-norm)"
+    return state, ""
+
+
+class SiteRoster:
+    """What the server knows of the sites: node id -> site label (learnt from replies),
+    whose budget is spent, and how long to wait for them to connect."""
+
+    def __init__(self, expected: int, min_sites: int, wait_seconds: float):
+        self.expected, self.min_sites, self.wait_seconds = expected, min_sites, wait_seconds
+        self.labels: dict[int, str] = {}
+        self.exhausted: set[int] = set()
+
+    def label(self, node: int) -> str:
+        return self.labels.get(node, f"node {node}")
+
+    def learn(self, msg: Message) -> None:
+        metrics = msg.content.metric_records.get("metrics") if not msg.has_error() else None
+        if metrics is not None and "site" in metrics:
+            self.labels[msg.metadata.src_node_id] = str(metrics["site"])
+
+    def connected(self, grid: Grid, everyone: bool = False) -> list[int]:
+        """The connected nodes, once at least ``min-sites`` (``everyone``: all expected
+        sites, or ``min-sites`` once ``wait-for-sites`` has passed) are; raises
+        :class:`RunFailed` after ``wait-for-sites`` seconds with fewer. Flower's own
+        sampling waits for ever."""
+        deadline = time.monotonic() + self.wait_seconds
+        needed = self.expected if everyone else self.min_sites
+        while len(nodes := sorted(grid.get_node_ids())) < needed and time.monotonic() < deadline:
+            time.sleep(1.0)
+        if len(nodes) >= needed:
+            return nodes
+        gone = sorted(self.label(n) for n in set(self.labels) - set(nodes))
+        missing = f"{needed - len(nodes)} missing" + (f" (not connected: {', '.join(gone)})" if gone else "")
+        if len(nodes) >= self.min_sites:
+            log(logging.WARNING, "fedenc: %d of %d sites connected after %.0fs, %s; going on", len(nodes), needed, self.wait_seconds, missing)
+            return nodes
+        raise RunFailed(f"waited {self.wait_seconds:.0f}s (wait-for-sites) for {self.min_sites} site(s): "
+                        f"{len(nodes)} connected, {missing}")
 
 
 class BudgetAwareFedAvg(FedAvg):
-    def __init__(self, *args, seed: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.exhausted: set[int] = set()
-        self.last_round: dict = {}
-        self.site_reports: list[dict] = []
+    """Samples the connected sites whose budget is not spent, sends them the contract's
+    messages (global arrays, the prior, run token, run round, catalogue fingerprint) and
+    averages, unweighted, the replies it is handed (already checked by
+    :class:`ScreenedRounds`)."""
+
+    def __init__(self, *args, roster: SiteRoster, seed: int = 0, start_round: int = 0, **kwargs):
+        super().__init__(*args, weighted_by_key="unit-weight", **kwargs)
+        self.roster = roster
+        self.start_round = start_round
         self._rng = random.Random(seed)
         self.prior: np.ndarray | None = None  # log-popularity base, sent beside the arrays
 
-    def _with_prior(self, messages: Iterable[Message]) -> Iterable[Message]:
-        if self.prior is None:
-            return messages
-        messages = list(messages)
-        for msg in messages:
-            msg.content["prior"] = ArrayRecord({"log-popularity": Array(self.prior)})
-        return messages
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self._with_prior(super().configure_evaluate(server_round, arrays, config, grid))
+    def _messages(self, nodes: list[int], fraction: float, server_round: int, arrays: ArrayRecord,
+                  config: ConfigRecord, kind: str) -> list[Message]:
+        if not nodes or fraction <= 0:
+            return []
+        k = min(len(nodes), max(self.roster.min_sites, round(len(nodes) * fraction)))
+        chosen = sorted(self._rng.sample(nodes, k))
+        config["server-round"] = server_round
+        config["run-round"] = self.start_round + server_round  # survives --resume: the site's key
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        if self.prior is not None:
+            content["prior"] = ArrayRecord({"log-popularity": Array(self.prior)})
+        return list(self._construct_messages(content, chosen, kind))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        _, available = sample_nodes(grid, self.min_available_nodes, self.min_available_nodes)
-        eligible = sorted(n for n in available if n not in self.exhausted)
-        if not eligible:
-            return []
-        k = max(1, round(len(eligible) * self.fraction_train))
-        chosen = sorted(self._rng.sample(eligible, k))
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._with_prior(self._construct_messages(record, chosen, MessageType.TRAIN))
+        eligible = [n for n in self.roster.connected(grid) if n not in self.roster.exhausted]
+        return self._messages(eligible, self.fraction_train, server_round, arrays, config, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        nodes = sorted(grid.get_node_ids())  # evaluation waits for no one: training already did
+        return self._messages(nodes, self.fraction_evaluate, server_round, arrays, config, MessageType.EVALUATE)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        failed = [m for m in replies if m.has_error()]
-        if failed:
-            raise RoundFailed(f"round {server_round}: {len(failed)} site(s) failed: {failed[0].error.reason}")
-        trained, reports, bytes_up = [], [], 0
+        if not replies:
+            return None, None
+        states = [from_array_record(m.content["arrays"]) for m in replies]
+        mean = {k: np.mean([s[k].astype(np.float64) for s in states], axis=0) for k in states[0]}
+        fp16 = any(a.dtype == "float16" for a in replies[0].content["arrays"].values())
+        losses = [float(m.content["metrics"]["train_loss"]) for m in replies if "train_loss" in m.content["metrics"]]
+        losses = [x for x in losses if math.isfinite(x)]
+        metrics = MetricRecord({"train_loss": float(np.mean(losses))}) if losses else MetricRecord()
+        return to_array_record(mean, fp16=fp16), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Unweighted mean over the sites that evaluated (a DP site may refuse) and sent
+        finite numbers."""
+        rows = []
         for msg in replies:
-            metrics = msg.content["metrics"]
-            report = dict(metrics) | {"accountant": msg.content["accountant"]["json"]}
-            reports.append(report)
-            if metrics["refused"]:
-                self.exhausted.add(msg.metadata.src_node_id)
-            else:
-                trained.append(msg)
-                bytes_up += msg.content["arrays"].count_bytes()
-            if metrics["budget"] - metrics["epsilon"] <= 1e-9:
-                self.exhausted.add(msg.metadata.src_node_id)
-        self.site_reports = reports
-        arrays, metrics = super().aggregate_train(server_round, trained) if trained else (None, None)
-        self.last_round = {
-            "train_loss": float(metrics["train_loss"]) if metrics else float("nan"),
-            "bytes_up": bytes_up,
-            "sites": len(trained),
-            "refused": len(replies) - len(trained),
-        }
+            metrics = msg.content.metric_records.get("metrics") if not msg.has_error() else None
+            if metrics is None or metrics.get("refused", 0):
+                continue
+            row = {k: float(metrics[k]) for k in ("hr@10", "ndcg@10", "mrr@10", "loss") if k in metrics}
+            if row and all(math.isfinite(v) for v in row.values()):
+                rows.append(row)
+        if not rows:
+            return None
+        return MetricRecord({k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]})
+
+
+@dataclass
+class RoundRecord:
+    """Who took part in one round, and why the others did not (site labels as keys)."""
+
+    stage: str
+    sampled: list[str] = field(default_factory=list)
+    replied: list[str] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    skipped: str = ""  # why the round did not change the model ("" when it did)
+    bytes_up: int = 0
+    train_loss: float = math.nan  # mean over the sites that sent one (non-private sites only)
+
+    def line(self) -> dict:
+        """This round's columns of its metrics.jsonl line."""
+        return {"sites": len(self.trained), "refused": len(self.refused), "failed": len(self.failed),
+                "rejected": len(self.rejected), "bytes_up": self.bytes_up, "train_loss": self.train_loss,
+                "participation": self.as_dict()}
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "sampled": self.sampled, "replied": self.replied, "trained": self.trained, "failed": self.failed,
+                "refused": self.refused, "rejected": self.rejected, "skipped": self.skipped}
+
+
+def screen(roster: SiteRoster, record: RoundRecord, nodes: list[int], replies: list[Message],
+           check) -> tuple[list[tuple[Message, object]], list[dict]]:
+    """Sort ``replies`` of the messages sent to ``nodes`` into ``record``; return the
+    usable (reply, checked value) pairs and every site report (metrics and report fields).
+    ``check(reply) -> (value or None, why)`` judges one reply's payload."""
+    for msg in replies:
+        roster.learn(msg)
+    record.sampled = [roster.label(n) for n in nodes]
+    answered = {m.metadata.src_node_id for m in replies}
+    record.replied = [roster.label(n) for n in sorted(answered)]
+    for node in nodes:
+        if node not in answered:
+            record.failed[roster.label(node)] = "no reply within round-timeout"
+    usable, reports = [], []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        who = roster.label(node)
+        if msg.has_error():
+            record.failed[who] = msg.error.reason or f"error code {msg.error.code}"
+            continue
+        metrics = msg.content.metric_records.get("metrics")
+        if metrics is None:
+            record.rejected[who] = "the reply has no 'metrics' record"
+            continue
+        report = msg.content.config_records.get("report")
+        if "site" in metrics:
+            reports.append(dict(metrics) | ({k: report[k] for k in report} if report is not None else {}))
+        spent = metrics.get("budget", math.inf) - metrics.get("epsilon", 0.0) <= 1e-9
+        if metrics.get("refused", 0):
+            record.refused[who] = str(report.get("reason", "")) if report is not None else ""
+            roster.exhausted.add(node)  # a site that refused once is not asked again
+            continue
+        if spent:
+            roster.exhausted.add(node)
+        value, why = check(msg)
+        if value is None:
+            record.rejected[who] = why
+            log(logging.WARNING, "fedenc: %s reply of site %s rejected: %s", record.stage, who, why)
+            continue
+        usable.append((msg, value))
+    for who, why in record.failed.items():
+        log(logging.WARNING, "fedenc: %s: site %s failed: %s", record.stage, who, why)
+    return usable, reports
+
+
+class ScreenedRounds(Strategy):
+    """Checks and records every train reply before ``trainer`` (the averaging strategy,
+    possibly wrapped for central DP) sees it; skips rounds with too few valid updates."""
+
+    def __init__(self, trainer: Strategy, roster: SiteRoster, update_bound: float, max_failed_rounds: int):
+        self.trainer, self.roster = trainer, roster
+        self.update_bound, self.max_failed_rounds = update_bound, max_failed_rounds
+        self.sent = ArrayRecord()
+        self.nodes: list[int] = []
+        self.last_round = RoundRecord("train")
+        self.site_reports: list[dict] = []
+        self.skipped_in_a_row = 0
+
+    def summary(self) -> None:
+        self.trainer.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.sent = arrays
+        messages = list(self.trainer.configure_train(server_round, arrays, config, grid))
+        self.nodes = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = RoundRecord("train")
+        usable, self.site_reports = screen(self.roster, record, self.nodes, list(replies),
+                                           lambda msg: check_update(self.sent, msg.content, self.update_bound))
+        valid = [msg for msg, _ in usable]
+        record.trained = [self.roster.label(m.metadata.src_node_id) for m in valid]
+        record.bytes_up = sum(m.content["arrays"].count_bytes() for m in valid)
+        self.last_round = record
+        if len(valid) < self.roster.min_sites:
+            record.skipped = (f"{len(valid)} valid update(s), fewer than min-sites = {self.roster.min_sites}; "
+                              "the global model is kept")
+            self.skipped_in_a_row += 1
+            log(logging.WARNING, "fedenc: round %d skipped: %s", server_round, record.skipped)
+            return None, None
+        arrays, metrics = self.trainer.aggregate_train(server_round, valid)
+        if arrays is None:
+            record.skipped = "the averaging strategy returned no model"
+            self.skipped_in_a_row += 1
+        else:
+            self.skipped_in_a_row = 0
+        if metrics is not None and "train_loss" in metrics:
+            record.train_loss = float(metrics["train_loss"])
         return arrays, metrics
 
+    def check_progress(self, run_round: int) -> None:
+        """Raise :class:`RunFailed` once ``max-failed-rounds`` rounds in a row were skipped."""
+        if self.skipped_in_a_row >= self.max_failed_rounds:
+            r = self.last_round
+            why = "; ".join(f"site {s}: {w}" for s, w in (r.failed | r.rejected | r.refused).items()) or "no site was sampled"
+            raise RunFailed(f"round {run_round}: {self.skipped_in_a_row} round(s) in a row without {self.roster.min_sites} "
+                            f"valid update(s) (max-failed-rounds); last: {why}")
 
-def collect_counts(grid: Grid, num_sites: int, timeout: float = 3600) -> tuple[np.ndarray, list[dict]]:
-    """Ask every site once for its (DP) item counts and sum them.
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.trainer.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_error():
+                log(logging.WARNING, "fedenc: evaluation failed at site %s: %s", self.roster.label(msg.metadata.src_node_id), msg.error.reason)
+        return self.trainer.aggregate_evaluate(server_round, replies)
+
+
+def check_counts(msg: Message, num_items: int) -> tuple[np.ndarray | None, str]:
+    """A site's popularity counts: a finite vector as long as the catalogue."""
+    record = msg.content.array_records.get("counts")
+    if record is None or "counts" not in record:
+        return None, "the reply has no 'counts' array"
+    counts = record["counts"].numpy().astype(np.float64)
+    if counts.shape != (num_items,):
+        return None, f"counts have shape {counts.shape}, expected ({num_items},) (the catalogue)"
+    if not np.isfinite(counts).all():
+        return None, "counts hold non-finite values"
+    return counts, ""
+
+
+def collect_counts(grid: Grid, roster: SiteRoster, config: ConfigRecord, num_items: int,
+                   timeout: float) -> tuple[np.ndarray, list[dict], RoundRecord]:
+    """Ask every connected site once for its (DP) item counts and sum the valid ones.
+
+    Raises :class:`RunFailed` when fewer than ``min-sites`` sites gave usable counts.
 
     Example (inside the ServerApp, which holds the grid)::
 
-        counts, reports = collect_counts(grid, 5)
+        counts, reports, record = collect_counts(grid, roster, config, 1682, 600)
     """
-    _, nodes = sample_nodes(grid, num_sites, num_sites)
-    query = RecordDict({"config": ConfigRecord({"task": "popularity-prior"})})
+    nodes = roster.connected(grid, everyone=True)
+    query = RecordDict({"config": config})
     messages = [Message(content=query, message_type=f"{MessageType.QUERY}.counts", dst_node_id=n) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    failed = [m for m in replies if m.has_error()]
-    if failed or len(replies) < len(nodes):
-        reason = failed[0].error.reason if failed else "no reply"
-        raise RoundFailed(f"popularity prior: {len(nodes) - len(replies) + len(failed)} site(s) failed: {reason}")
-    total = sum(m.content["counts"]["counts"].numpy().astype(np.float64) for m in replies)
-    return total, [dict(m.content["metrics"]) for m in replies]
+    record = RoundRecord("prior")
+    usable, reports = screen(roster, record, nodes, replies, lambda msg: check_counts(msg, num_items))
+    record.trained = [roster.label(m.metadata.src_node_id) for m, _ in usable]
+    if len(usable) < roster.min_sites:
+        why = "; ".join(f"site {s}: {w}" for s, w in (record.failed | record.rejected | record.refused).items())
+        raise RunFailed(f"popularity prior: {len(usable)} site(s) gave usable counts, fewer than min-sites = "
+                        f"{roster.min_sites}: {why}")
+    total = np.sum([c for _, c in usable], axis=0)
+    return total, reports, record

@@ -26,28 +26,16 @@ from pathlib import Path
 import psutil
 import tomli_w
 
+from common.central import FAILURE
 from common.config import ConfigError, Settings
 from simulations.interrupt import interrupt_on_signals, uninterrupted
+from simulations.outdir import RUN_FILES, Replaced, check_out_path, check_reuse, settle
 
 PROJECT = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml lives here
-RESULT_FILES = ("metrics.jsonl", "summary.json", "adapter", "checkpoint", "ledgers", "flower.log", "run_config.toml")
 
 
 class SimulationFailed(RuntimeError):
     """The run did not complete; the message says where to look."""
-
-
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: an output folder holding another run needs --resume or --overwrite."""
-    holds_run = (out / "metrics.jsonl").exists() or (out / "summary.json").exists()
-    if holds_run and not (resume or overwrite):
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if overwrite:
-        for name in RESULT_FILES:
-            path = out / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)  # its presence must mean *this* run completed
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def check_inputs(settings: Settings) -> None:
@@ -139,8 +127,14 @@ def simulate(
     overwrite: bool = False,
     on_progress: Callable[[dict], None] | None = None,
     timeout: float | None = None,
+    app: str | Path = PROJECT,
 ) -> dict:
     """Run one simulation with run-config ``config`` into ``out``; return its summary.
+
+    Inputs (settings, data, model, the ``out`` path) are checked before ``out`` is
+    touched; ``overwrite`` removes the previous run only once this one has started
+    (simulations/outdir.py). ``app``: the Flower app folder (tests pass one whose sites
+    misbehave).
 
     Example::
 
@@ -152,8 +146,14 @@ def simulate(
     config.setdefault("out-dir", str(out))
     config.setdefault("ledger-dir", str(out / "ledgers"))
     settings = Settings.from_config(config)  # validate before touching anything
-    prepare_out_dir(out, resume, overwrite)
+    check_out_path(out)
+    settle(out)
+    check_reuse(out, resume, overwrite)
     check_inputs(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    replaced = Replaced.move_aside(out) if overwrite and any(os.path.lexists(out / n) for n in RUN_FILES) else None
+    (out / FAILURE).unlink(missing_ok=True)  # a reason left by an earlier attempt is not this run's
+    summary_before = _stamp(out / "summary.json")  # a resumed finished run keeps its summary until replaced
 
     home = out / ".flwr"
     home.mkdir(parents=True, exist_ok=True)
@@ -196,16 +196,19 @@ def simulate(
         _wait_healthy(port, superlink, link_log)
         with open(log_path, "w") as log:
             run = subprocess.Popen(
-                ["flwr", "run", str(PROJECT), "fedenc", "--run-config", str(run_config), "--stream"],
+                ["flwr", "run", str(app), "fedenc", "--run-config", str(run_config), "--stream"],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             )
             deadline = time.monotonic() + timeout if timeout else None
             shown = set()  # Flower echoes each log line twice (console and file formats)
             for line in run.stdout:
                 log.write(line)
-                if "fedenc {" in line and on_progress:
+                if "fedenc {" in line:
                     progress = json.loads(line[line.index("fedenc {") + 7 :])["progress"]
-                    if progress["round"] not in shown:
+                    if replaced is not None:  # the new run has started: the old one goes
+                        replaced.discard()
+                        replaced = None
+                    if progress["round"] not in shown and on_progress:
                         shown.add(progress["round"])
                         on_progress(progress)
                 if deadline and time.monotonic() > deadline:
@@ -219,9 +222,28 @@ def simulate(
                     stop_tree(proc)
             shutil.rmtree(ray_tmp, ignore_errors=True)
     summary_path = out / "summary.json"
-    if not summary_path.exists():
-        raise SimulationFailed(f"the run failed (flwr exit code {run.returncode}); see {log_path}: {_last_error(log_path)}")
+    if _stamp(summary_path) in (None, summary_before):  # this run wrote no summary
+        if replaced is not None:
+            replaced.restore()
+        raise SimulationFailed(f"the run failed: {_failure(out, log_path, run.returncode)} (see {log_path})")
     return json.loads(summary_path.read_text())
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    # a summary replaced atomically gets a new inode: tells "rewritten" from "left over"
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _failure(out: Path, log_path: Path, returncode: int | None) -> str:
+    """The one-line reason of a failed run: the server's own (failure.json), else the log's."""
+    path = out / FAILURE
+    if path.exists():
+        return json.loads(path.read_text())["reason"]
+    return f"flwr exit code {returncode}; {_last_error(log_path)}"
 
 
 def _last_error(log_path: Path) -> str:
@@ -230,7 +252,7 @@ def _last_error(log_path: Path) -> str:
     client = [ln.split("Message:", 1)[1].strip().rstrip("'>") for ln in lines if "ClientAppException occurred. Message:" in ln]
     if client and client[-1]:
         return "a site failed: " + client[-1][:300]
-    for needle in ("RoundFailed", "Error:", "Exception"):
+    for needle in ("RunFailed", "Error:", "Exception"):
         hits = [ln.strip() for ln in lines if needle in ln]
         if hits:
             return hits[-1][:300]
