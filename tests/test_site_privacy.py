@@ -274,3 +274,32 @@ def test_a_grant_is_never_looser_than_the_policy(budget, cap, asked_eps, asked_d
     assert granted.epsilon == min(asked_eps, budget)
     assert granted.delta <= site_delta(users) <= 1 / (10 * users)
     assert granted.delta <= (cap if cap is not None else 1) and granted.delta <= (asked_delta or 1)
+
+
+# --- fedenc ledger --------------------------------------------------------------------------------
+
+
+def _fedenc(*args):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", "ledger", *map(str, args)], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parents[1])
+
+
+def test_ledger_show_and_raise_budget(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path, "site-7", budget=8.0, delta=1e-5)
+    ledger.record([(1.0, 0.1, 50)])
+    ledger.charge("counts", [(3.0, 1.0, 1)])
+    shown = json.loads(_fedenc("show", path, "--json").stdout)
+    assert shown["epsilon"] == pytest.approx(ledger.epsilon()) and shown["delta"] == 1e-5 and shown["budget"] == 8.0
+    assert set(shown["epsilon_by_kind"]) == {"dp-sgd", "counts"} and shown["releases"] == 2 and shown["rounds"] == 1
+    assert "site-7" in _fedenc("show", path).stdout
+
+    done = _fedenc("raise-budget", path, "--to", 12, "--reason", "ethics board 2026-12")
+    assert done.returncode == 0 and "8 -> 12" in done.stdout
+    assert PrivacyLedger.read(path).budget == 12.0
+    assert PrivacyLedger.read(path).events[-1]["reason"] == "ethics board 2026-12"
+
+    lower = _fedenc("raise-budget", path, "--to", 4, "--reason", "oops")
+    assert lower.returncode == 2 and lower.stderr.startswith("error:") and "above the current one" in lower.stderr
+    missing = _fedenc("show", tmp_path / "nowhere.json")
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: privacy ledger {tmp_path / 'nowhere.json'} does not exist"
