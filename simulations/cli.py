@@ -239,7 +239,7 @@ def audit(
     from simulations.simulate import SimulationFailed
 
     def progress(name: str, p: dict) -> None:
-        console.print(f"[{name:>7}] ", end="")
+        console.print(f"{name:>7} ", end="")
         show_round(p)
 
     try:
