@@ -211,9 +211,9 @@ def rank_of_targets(model, rows: EvalRows, device, batch_size: int = 256) -> tup
     """0-based rank of each user's held-out item among all items not in their history,
     and the mean cross-entropy of that item (validation loss).
 
-    A user whose scores are not all finite (a diverged model) gets the rank past the last
-    item, a miss at every cut-off: a NaN compares false with everything and would
-    otherwise rank first."""
+    A user whose scores are not all finite (a diverged model) counts as ranked last among
+    their rankable items (a miss at every cut-off below that, AUC 0): a NaN compares false
+    with everything and would otherwise rank first."""
     model.eval()
     ranks, losses = [], []
     loader = DataLoader(rows.dataset, batch_size=batch_size)
@@ -225,11 +225,13 @@ def rank_of_targets(model, rows: EvalRows, device, batch_size: int = 256) -> tup
         target = batch["targets"][:, 0]
         target_score = scores.gather(1, target[:, None])  # (B, 1)
         diverged = ~torch.isfinite(scores).all(1)  # before history masking adds its own -inf
+        last = torch.empty_like(target)
         for i in range(scores.shape[0]):  # history items are excluded from the ranking
             seen = torch.as_tensor(rows.exclude[offset + i], device=device)
-            scores[i, seen[seen != target[i]]] = -math.inf
-        rank = (scores > target_score).sum(1)
-        rank[diverged] = scores.shape[1]
+            others = seen[seen != target[i]].unique()
+            scores[i, others] = -math.inf
+            last[i] = scores.shape[1] - 1 - others.numel()
+        rank = torch.where(diverged, last, (scores > target_score).sum(1))
         ranks.append(rank.cpu().numpy())
         offset += scores.shape[0]
     model.train()
