@@ -119,7 +119,9 @@ class PrivacyLedger:
     def read(cls, path: str | Path) -> PrivacyLedger:
         """The ledger at ``path`` as it stands, for people (``fedenc ledger show``).
 
-        >>> PrivacyLedger.read("site-ledger.json").epsilon()  # doctest: +SKIP
+        Example::
+
+            PrivacyLedger.read("site-ledger.json").epsilon()
         """
         path = Path(path)
         saved = _read(path)

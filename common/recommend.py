@@ -8,10 +8,12 @@ restored into it (PEFT adapter, head, item bank and popularity prior:
 :func:`common.examples.evaluation_rows`, scores come from ``Recommender.score_all``, and
 held-out ranks and metrics from :class:`common.central.CentralEvaluator` itself.
 
->>> run = load_run("runs/default")                                                  # doctest: +SKIP
->>> top = run.recommend([["The Matrix (1999)", "Inception (2010)"]], k=3)[0]        # doctest: +SKIP
->>> [(r.title, round(r.score, 2)) for r in top]                                     # doctest: +SKIP
-[('Interstellar (2014)', 3.12), ('The Dark Knight (2008)', 3.05), ('Memento (2000)', 2.9)]
+Example::
+
+    run = load_run("runs/default")
+    top = run.recommend([["The Matrix (1999)", "Inception (2010)"]], k=3)[0]
+    [(r.title, round(r.score, 2)) for r in top]
+    # [('Interstellar (2014)', 3.12), ('The Dark Knight (2008)', 3.05), ('Memento (2000)', 2.9)]
 """
 
 from __future__ import annotations
@@ -129,8 +131,9 @@ class Run:
         for each item that names no single catalogue item the candidates: the closest titles,
         or, for a title several items share, each of them with its item id.
 
-        >>> run.lookup(["the matrix (1999)", "Matrix"])  # doctest: +SKIP
-        ([1234], {'Matrix': ['The Matrix (1999)', ...]})
+        Example::
+
+            run.lookup(["the matrix (1999)", "Matrix"])  # ([1234], {'Matrix': ['The Matrix (1999)', ...]})
         """
         found, unknown = [], {}
         for query in items:
@@ -147,8 +150,10 @@ class Run:
         """Up to ``n`` titles near ``query``: titles that contain it (shortest first), then
         the most similar ones (difflib).
 
-        >>> run.closest("matrix")  # doctest: +SKIP
-        ['The Matrix (1999)', 'The Matrix Reloaded (2003)', 'The Matrix Revolutions (2003)']
+        Example::
+
+            run.closest("matrix")
+            # ['The Matrix (1999)', 'The Matrix Reloaded (2003)', 'The Matrix Revolutions (2003)']
         """
         folded = query.strip().casefold()
         within = sorted((t for t in self._folded_titles if folded and folded in t), key=len)[:n]
@@ -207,8 +212,10 @@ class Run:
         A history lists items oldest first: item ids, titles or item texts (see :meth:`lookup`),
         or catalogue indices. Raises :class:`UnknownItems` if any item names no single item.
 
-        >>> [r.title for r in run.recommend([["Toy Story (1995)"]], k=2)[0]]  # doctest: +SKIP
-        ['Toy Story 2 (1999)', 'Monsters, Inc. (2001)']
+        Example::
+
+            [r.title for r in run.recommend([["Toy Story (1995)"]], k=2)[0]]
+            # ['Toy Story 2 (1999)', 'Monsters, Inc. (2001)']
         """
         if k < 1:
             raise RunError(f"k must be at least 1, got {k}")
@@ -251,7 +258,9 @@ def load_run(path: str | Path, device: str = "auto") -> Run:
     ``device``: auto (cuda when present), cpu, cuda or cuda:N. Runs offline: the base
     encoder is read from where the run read it.
 
-    >>> run = load_run("runs/default", device="cpu")  # doctest: +SKIP
+    Example::
+
+        run = load_run("runs/default", device="cpu")
     """
     path = Path(path)
     adapter = path / "adapter"

@@ -89,8 +89,9 @@ def wrap(strategy: Strategy, settings: Settings, releases: list[Release] = ()) -
     """The strategy the ServerApp starts: ``strategy`` itself, or wrapped for central DP
     (``releases``: the noised rounds of the run so far, when it resumes).
 
-    >>> wrap(strategy, Settings.from_config({"central-dp": "server-fixed"})).releases  # doctest: +SKIP
-    []
+    Example::
+
+        wrap(strategy, Settings.from_config({"central-dp": "server-fixed"})).releases  # []
     """
     mode = settings["central-dp"]
     if mode == "none":

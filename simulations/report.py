@@ -5,9 +5,10 @@
 Everything is read defensively: what sites report changes between versions, and a
 baseline's folder has no sites or no model.
 
->>> written = write_report("runs/default")  # doctest: +SKIP
->>> written["card"], written["plot"]        # doctest: +SKIP
-(PosixPath('runs/default/MODEL_CARD.md'), PosixPath('runs/default/report.png'))
+Example::
+
+    written = write_report("runs/default")
+    written["card"], written["plot"]  # runs/default/MODEL_CARD.md, runs/default/report.png
 """
 
 from __future__ import annotations
@@ -145,9 +146,10 @@ def _results(line: dict) -> dict:
 def model_card(run: str | Path) -> dict:
     """The facts of a run's model card, from its files.
 
-    >>> card = model_card("runs/default")            # doctest: +SKIP
-    >>> card["privacy"]["sites"]["0"]["epsilon"]     # doctest: +SKIP
-    7.99
+    Example::
+
+        card = model_card("runs/default")
+        card["privacy"]["sites"]["0"]["epsilon"]  # e.g. 7.99
     """
     run = Path(run)
     summary, rows = read_run(run)
