@@ -30,7 +30,9 @@ def fsync_dir(folder: str | Path) -> None:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Produce ``path`` atomically: ``write(tmp)`` fills a temporary file beside it.
 
-    >>> atomic_write("out/notes.txt", lambda tmp: tmp.write_text("kept"))  # doctest: +SKIP
+    Example::
+
+        atomic_write("out/notes.txt", lambda tmp: tmp.write_text("kept"))
 
     ``write`` gets a path whose name ends in ``.tmp``: numpy's savers append ``.npy`` to
     such a name, so give them an open file instead.
@@ -54,7 +56,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically.
 
-    >>> atomic_write_text("out/run.json", "{}")  # doctest: +SKIP
+    Example::
+
+        atomic_write_text("out/run.json", "{}")
     """
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -91,6 +95,8 @@ def dumps(value, **kwargs) -> str:
 def atomic_write_json(path: str | Path, value, **kwargs) -> Path:
     """Write ``value`` as strict JSON to ``path`` atomically.
 
-    >>> atomic_write_json("out/summary.json", {"epsilon": 8.0}, indent=1)  # doctest: +SKIP
+    Example::
+
+        atomic_write_json("out/summary.json", {"epsilon": 8.0}, indent=1)  # NaN would be null
     """
     return atomic_write_text(path, dumps(value, **kwargs))

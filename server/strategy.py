@@ -290,6 +290,8 @@ class ScreenedRounds(Strategy):
         if len(valid) < self.roster.min_sites:
             record.skipped = (f"{len(valid)} valid update(s), fewer than min-sites = {self.roster.min_sites}; "
                               "the global model is kept")
+            if not self.nodes:
+                record.skipped = "no site to ask: every connected site refused before or has spent its budget"
             self.skipped_in_a_row += 1
             log(logging.WARNING, "fedenc: round %d skipped: %s", server_round, record.skipped)
             return None, None
@@ -307,7 +309,7 @@ class ScreenedRounds(Strategy):
         """Raise :class:`RunFailed` once ``max-failed-rounds`` rounds in a row were skipped."""
         if self.skipped_in_a_row >= self.max_failed_rounds:
             r = self.last_round
-            why = "; ".join(f"site {s}: {w}" for s, w in (r.failed | r.rejected | r.refused).items()) or "no site was sampled"
+            why = "; ".join(f"site {s}: {w}" for s, w in (r.failed | r.rejected | r.refused).items()) or r.skipped
             raise RunFailed(f"round {run_round}: {self.skipped_in_a_row} round(s) in a row without {self.roster.min_sites} "
                             f"valid update(s) (max-failed-rounds); last: {why}")
 

@@ -88,10 +88,12 @@ def run_cell(cell: Cell, config: dict, out: Path, log: Callable[[str], None]) ->
     """Run one cell into ``out`` (resuming a federated cell that has a checkpoint)."""
     cfg = dict(config) | {"epsilon": cell.epsilon, "seed": int(config.get("seed", 0)) + cell.seed}
     if cell.method == "federated":
+        from common.central import usable_checkpoint
+        from simulations.outdir import holds_run
         from simulations.simulate import simulate
 
-        started = (out / "metrics.jsonl").exists()
-        return simulate(cfg, out, resume=started,
+        resume = usable_checkpoint(out) is not None  # else a cell cut short before round 1 starts again
+        return simulate(cfg, out, resume=resume, overwrite=not resume and holds_run(out),
                         on_progress=lambda p: log(f"  {cell.name} round {p['round']} NDCG@10 {p['ndcg@10']:.4f} ε {p['epsilon']:.2f}"))
     from simulations.baselines import run_baseline
 
