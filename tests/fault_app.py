@@ -8,6 +8,8 @@ simulation engine, the messages. Site (partition) -> fault:
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
@@ -20,7 +22,8 @@ FAULTS = {
     3: "sends a wrongly shaped array",
     4: "sends its update x1e6",
     5: "claims 1e9 examples",
-}  # site 0 is honest
+}  # site 0 is honest, unless FEDENC_TEST_FAULT names one fault for every site
+EVERY_SITE = os.environ.get("FEDENC_TEST_FAULT")
 
 app = ClientApp()
 
@@ -33,7 +36,7 @@ def _arrays(reply: Message, change) -> None:
 
 def misbehave(msg: Message, context: Context, call_next) -> Message:
     """Do what FAULTS says this site does; the others pass through untouched."""
-    fault = FAULTS.get(int(context.node_config["partition-id"]))
+    fault = EVERY_SITE or FAULTS.get(int(context.node_config["partition-id"]))
     if fault == "raises in round 2" and int(msg.content["config"]["server-round"]) == 2:
         raise RuntimeError("injected fault: the site's machine went down in round 2")
     reply = call_next(msg, context)

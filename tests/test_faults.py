@@ -254,3 +254,24 @@ def test_overwrite_removed_every_file_of_the_old_run(faulty_run):
     assert not (out / "ledgers" / "site-9.json").exists()
     assert np.load(out / "prior.npy").shape != (3,)  # the new run's own prior
     assert not list(out.glob(".replaced-*"))
+
+
+def test_a_run_in_which_no_site_trained_fails_with_one_reason(tiny_bert, tmp_path, monkeypatch):
+    """Every site's update is NaN: each round is skipped (the model kept), and at the end the
+    run fails, saying why in one line, instead of reporting an untrained model as done."""
+    from simulations.simulate import SimulationFailed, simulate
+
+    monkeypatch.setenv("FEDENC_TEST_FAULT", "sends NaN")
+    config = {
+        "dataset": "movietweetings", "model": tiny_bert, "num-sites": 2, "num-server-rounds": 2,
+        "local-steps": 1, "expected-batch": 16, "max-tokens": 16, "max-history": 8, "eval-users": 50,
+        "fraction-evaluate": 0.0, "popularity-prior": 0.0,
+    }
+    out = tmp_path / "run"
+    with pytest.raises(SimulationFailed) as failed:
+        simulate(config, out, app=fault_app(tmp_path / "app"), timeout=900)
+    message = str(failed.value)
+    assert "no site trained in any round" in message and "non-finite" in message and "\n" not in message
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["sites"], r["rejected"]) for r in rows] == [(0, 0, 0), (1, 0, 2), (2, 0, 2)]
+    assert not (out / "summary.json").exists()
