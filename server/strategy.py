@@ -95,6 +95,7 @@ class SiteRoster:
         self.expected, self.min_sites, self.wait_seconds = expected, min_sites, wait_seconds
         self.labels: dict[int, str] = {}
         self.exhausted: set[int] = set()
+        self.started = False  # the run's first request waits for every expected site
 
     def label(self, node: int) -> str:
         return self.labels.get(node, f"node {node}")
@@ -104,24 +105,26 @@ class SiteRoster:
         if metrics is not None and "site" in metrics:
             self.labels[msg.metadata.src_node_id] = str(metrics["site"])
 
-    def connected(self, grid: Grid, everyone: bool = False) -> list[int]:
-        """The connected nodes, once at least ``min-sites`` (``everyone``: all expected
-        sites, or ``min-sites`` once ``wait-for-sites`` has passed) are; raises
-        :class:`RunFailed` after ``wait-for-sites`` seconds with fewer. Flower's own
-        sampling waits for ever."""
+    def connected(self, grid: Grid) -> list[int]:
+        """The connected nodes. The run's first request waits up to ``wait-for-sites`` for
+        all ``num-sites``, later ones only for ``min-sites`` (a lost site is not waited
+        for every round); with fewer than ``min-sites`` at the deadline it raises
+        :class:`RunFailed` naming who is missing. Flower's own sampling waits for ever."""
+        needed = self.min_sites if self.started else self.expected
+        self.started = True
         deadline = time.monotonic() + self.wait_seconds
-        needed = self.expected if everyone else self.min_sites
         while len(nodes := sorted(grid.get_node_ids())) < needed and time.monotonic() < deadline:
             time.sleep(1.0)
         if len(nodes) >= needed:
             return nodes
         gone = sorted(self.label(n) for n in set(self.labels) - set(nodes))
-        missing = f"{needed - len(nodes)} missing" + (f" (not connected: {', '.join(gone)})" if gone else "")
+        gone_text = f" (not connected: {', '.join(gone)})" if gone else ""
         if len(nodes) >= self.min_sites:
-            log(logging.WARNING, "fedenc: %d of %d sites connected after %.0fs, %s; going on", len(nodes), needed, self.wait_seconds, missing)
+            log(logging.WARNING, "fedenc: %d of %d sites connected after %.0fs%s; going on with them",
+                len(nodes), needed, self.wait_seconds, gone_text)
             return nodes
-        raise RunFailed(f"waited {self.wait_seconds:.0f}s (wait-for-sites) for {self.min_sites} site(s): "
-                        f"{len(nodes)} connected, {missing}")
+        raise RunFailed(f"waited {self.wait_seconds:.0f}s (wait-for-sites): {len(nodes)} site(s) connected, "
+                        f"{self.min_sites - len(nodes)} more needed for min-sites = {self.min_sites}{gone_text}")
 
 
 class BudgetAwareFedAvg(FedAvg):
@@ -347,7 +350,7 @@ def collect_counts(grid: Grid, roster: SiteRoster, config: ConfigRecord, num_ite
 
         counts, reports, record = collect_counts(grid, roster, config, 1682, 600)
     """
-    nodes = roster.connected(grid, everyone=True)
+    nodes = roster.connected(grid)
     query = RecordDict({"config": config})
     messages = [Message(content=query, message_type=f"{MessageType.QUERY}.counts", dst_node_id=n) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
