@@ -65,7 +65,7 @@ def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
         fraction_evaluate=settings["fraction-evaluate"],
         min_available_nodes=settings["min-sites"],
         roster=roster,
-        seed=settings["seed"] + recorder.start_round,
+        seed=settings["seed"],
         start_round=recorder.start_round,
     )
     sites.prior = prior

@@ -137,7 +137,8 @@ class BudgetAwareFedAvg(FedAvg):
         super().__init__(*args, weighted_by_key="unit-weight", **kwargs)
         self.roster = roster
         self.start_round = start_round
-        self._rng = random.Random(seed)
+        self.seed = seed
+        self._rng = random.Random(seed)  # central DP swaps in SystemRandom (secret sampling)
         self.prior: np.ndarray | None = None  # log-popularity base, sent beside the arrays
 
     def _messages(self, nodes: list[int], fraction: float, server_round: int, arrays: ArrayRecord,
@@ -145,6 +146,9 @@ class BudgetAwareFedAvg(FedAvg):
         if not nodes or fraction <= 0:
             return []
         k = min(len(nodes), max(self.roster.min_sites, round(len(nodes) * fraction)))
+        # The same sites for run round r whether or not the run was resumed in between, so a
+        # repeated round asks the sites that kept its update (SystemRandom ignores the seed).
+        self._rng.seed(2 * (self.seed * 1_000_003 + self.start_round + server_round) + (kind == MessageType.EVALUATE))
         chosen = sorted(self._rng.sample(nodes, k))
         config["server-round"] = server_round
         config["run-round"] = self.start_round + server_round  # survives --resume: the site's key

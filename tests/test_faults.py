@@ -282,3 +282,16 @@ def test_a_run_in_which_no_site_trained_fails_with_one_reason(tiny_bert, tmp_pat
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["sites"], r["rejected"]) for r in rows] == [(0, 0, 0), (1, 0, 2), (2, 0, 2)]
     assert not (out / "summary.json").exists()
+
+
+def test_a_resumed_round_asks_the_same_sites(flower_identity):
+    """Round 4 of a run samples the same sites whether the process started at round 0 or
+    resumed at round 3: those are the sites that kept round 4's update."""
+    def sampled(start_round: int, server_round: int) -> list[int]:
+        sites = BudgetAwareFedAvg(fraction_train=0.4, roster=SiteRoster(10, 1, 0), seed=7, start_round=start_round)
+        for rnd in range(1, server_round + 1):
+            messages = sites.configure_train(rnd, to_array_record(GLOBAL), ConfigRecord(), Nodes(range(10)))
+        return [m.metadata.dst_node_id for m in messages]
+
+    assert sampled(0, 4) == sampled(3, 1)
+    assert len({tuple(sampled(0, r)) for r in range(1, 6)}) > 1  # and rounds still differ
