@@ -333,8 +333,11 @@ def recommend(
     """Top-k catalogue items for a history, from a run's global model (never an item of the history)."""
     import json
 
+    from transformers.utils import logging as hf_logging
+
     from common.recommend import RunError, describe_unknown, load_run
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the answer on a terminal
     if sum(x is not None for x in (history, history_file, user)) != 1:
         fail("give exactly one of --history, --history-file or --user")
     queries = [] if user is not None else history_queries(history, history_file)

@@ -357,7 +357,9 @@ def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
     eps = [_number(r.get("epsilon")) or 0.0 for r in rows]
     settings = summary.get("settings") or {}
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    title = (f"{run.resolve().name}: {settings.get('dataset', '?')}, {settings.get('num-sites', '?')} sites, "
+    method = summary.get("method")
+    title = (f"{run.resolve().name}" + (f" ({method} baseline)" if method else "")
+             + f": {settings.get('dataset', '?')}, {settings.get('num-sites', '?')} sites, "
              f"{len(rows) - 1} rounds, ε budget {_fmt(_number(settings.get('epsilon'))) if _number(settings.get('epsilon')) else '∞'} per site")
     fig.suptitle(title, fontsize=13)
     base = baselines(run, summary)
