@@ -24,7 +24,7 @@ import torch
 
 from .adapter import load_trainable_state, save_adapter, state_bytes, trainable_state
 from .config import Settings
-from .files import atomic_write, atomic_write_json, atomic_write_text, dumps, fsync_dir
+from .files import atomic_write, atomic_write_json, atomic_write_text, default_mode, dumps, fsync_dir
 from .examples import EvalRows, evaluation_rows
 from .site import dataset, shared_model
 from .training import rank_of_targets, rankable_items, ranking_metrics, resolve_device, with_lower_states
@@ -198,6 +198,7 @@ class RunRecorder:
         root.mkdir(exist_ok=True)
         name = f"round-{rnd:05d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        os.chmod(tmp, default_mode(folder=True))
         _save_with(np.savez, tmp / "arrays.npz", **state)
         save_adapter(model, tmp / "adapter", self.settings.as_dict())
         seconds = time.time() - self.started + self.elapsed_before

@@ -27,6 +27,14 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+def default_mode(folder: bool = False) -> int:
+    """The permissions ``open``/``mkdir`` would give a new file (folder) under the current
+    umask; ``tempfile`` makes them private (0600/0700), which results must not silently be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Produce ``path`` atomically: ``write(tmp)`` fills a temporary file beside it.
 
@@ -43,6 +51,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else default_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

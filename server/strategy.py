@@ -291,7 +291,7 @@ class ScreenedRounds(Strategy):
         usable, self.site_reports = screen(self.roster, record, self.nodes, list(replies),
                                            lambda msg: check_update(self.sent, msg.content, self.update_bound))
         valid = [msg for msg, _ in usable]
-        record.trained = [self.roster.label(m.metadata.src_node_id) for m in valid]
+        record.trained = sorted(self.roster.label(m.metadata.src_node_id) for m in valid)
         record.bytes_up = sum(m.content["arrays"].count_bytes() for m in valid)
         self.last_round = record
         if len(valid) < self.roster.min_sites:
@@ -360,7 +360,7 @@ def collect_counts(grid: Grid, roster: SiteRoster, config: ConfigRecord, num_ite
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     record = RoundRecord("prior")
     usable, reports = screen(roster, record, nodes, replies, lambda msg: check_counts(msg, num_items))
-    record.trained = [roster.label(m.metadata.src_node_id) for m, _ in usable]
+    record.trained = sorted(roster.label(m.metadata.src_node_id) for m, _ in usable)
     if len(usable) < roster.min_sites:
         why = "; ".join(f"site {s}: {w}" for s, w in (record.failed | record.rejected | record.refused).items())
         raise RunFailed(f"popularity prior: {len(usable)} site(s) gave usable counts, fewer than min-sites = "

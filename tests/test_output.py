@@ -18,7 +18,7 @@ from common.central import RunRecorder, usable_checkpoint
 from common.config import ConfigError, Settings
 from common.data import Catalogue, DataError, DataSpec, load
 from common.examples import EvalRows
-from common.files import atomic_write_text, dumps
+from common.files import atomic_write_text, default_mode, dumps
 from common.partition import partition_users
 from common.training import rank_of_targets, ranking_metrics
 from simulations.outdir import Replaced, settle
@@ -55,6 +55,8 @@ def test_metrics_and_summary_are_strict_json(recorder):
     recorder.finish(None, {"w": np.ones(2, np.float32)})
     summary = strict_json((recorder.out / "summary.json").read_text())
     assert summary["best_round"] == 1 and summary["final"]["train_loss"] is None
+    for name in ("summary.json", "metrics.jsonl", "run.json"):  # as readable as a plain write makes them
+        assert (recorder.out / name).stat().st_mode & 0o777 == default_mode(), name
     assert dumps({"x": np.float32("nan"), "y": [np.inf]}) == '{"x": null, "y": [null]}'
 
 
@@ -82,6 +84,7 @@ def test_a_crash_before_the_checkpoint_swap_keeps_the_previous_one(recorder, mon
     resumed.round_done(2, METRICS, {}, None, second)
     assert usable_checkpoint(recorder.out).name == "round-00002"
     assert sorted(p.name for p in (recorder.out / "checkpoint").iterdir()) == ["LATEST", "round-00002"]
+    assert (recorder.out / "checkpoint" / "round-00002").stat().st_mode & 0o777 == default_mode(folder=True)
 
 
 def test_replaced_run_comes_back_unless_the_new_one_started(tmp_path):
