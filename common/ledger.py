@@ -111,7 +111,7 @@ class PrivacyLedger:
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a") as lock:
+        with open(path.with_name(f".{path.name}.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on a crash
             yield cls.open(path, site, budget, delta, accountant, marker)
 

@@ -128,8 +128,9 @@ def run_config(config: Path | None, overrides: list[str]) -> dict:
 
 
 def show_round(progress: dict) -> None:
+    loss = progress.get("train_loss")  # None under DP: a site's training loss does not leave it
     console.print(
-        f"round {progress['round']:>3}  sites {progress['sites']:>3}  loss {progress['train_loss']:.4f}  "
+        f"round {progress['round']:>3}  sites {progress['sites']:>3}  loss {'–' if loss is None else f'{loss:.4f}'}  "
         f"ε {progress['epsilon']:.3f}  NDCG@10 {progress['ndcg@10']:.4f}  HR@10 {progress['hr@10']:.4f}  "
         f"{progress['seconds']:.0f}s"
     )
