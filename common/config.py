@@ -69,7 +69,7 @@ KEYS: dict[str, Key] = {
     # -- federated training
     "num-server-rounds": Key(5, "federated rounds", minimum=1),
     "fraction-train": Key(1.0, "fraction of sites sampled per round", minimum=0),
-    "fraction-evaluate": Key(1.0, "fraction of sites running federated evaluation per round (0 = none)", minimum=0),
+    "fraction-evaluate": Key(0.0, "fraction of sites asked for federated evaluation per round (0 = none; DP sites serve it only to non-private runs)", minimum=0),
     "local-steps": Key(10, "DP-SGD steps per site per round", minimum=1),
     "learning-rate": Key(0.02, "Adam learning rate", minimum=0),
     "targets-per-user": Key(8, "next items per user per example", minimum=1),
