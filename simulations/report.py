@@ -418,8 +418,8 @@ def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
         xs, ys = zip(*points)
         if many:
             ax.plot(xs, ys, "-", color="C0", alpha=0.3, label=f"each of {len(per_site)} sites" if i == 0 else None)
-        else:
-            ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=f"site {site}")
+        else:  # markers shrink from site to site so that sites with equal ε stay visible
+            ax.plot(xs, ys, "-", marker="osD^v<>ph*"[i], markersize=max(10 - 1.5 * i, 3), color=f"C{i}", label=f"site {site}")
     if not per_site:  # a run written before metrics.jsonl carried site_epsilon
         ax.plot(rounds, eps, "o-", color="black", label="largest ε over sites")
         for i, (site, s) in enumerate(_sites(summary).items()):
@@ -447,13 +447,10 @@ def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
     valid = [(x, y) for x, y in valid if y is not None]
     if valid:
         ax.plot(*zip(*valid), "s--", color="C0", label="validation loss (central)")
-    if not train:
-        ax.text(0.02, 0.97, "no train loss reported (sites do not release it under DP)", transform=ax.transAxes,
-                va="top", fontsize=8, color="dimgrey")
     ax.set_xticks(rounds if len(rounds) <= 20 else ax.get_xticks())
     ax.set_xlabel("round")
     ax.set_ylabel("cross-entropy of the next item")
-    ax.set_title("Loss")
+    ax.set_title("Loss" if train else "Loss (no train loss: sites do not release it under DP)")
     if train or valid:
         ax.legend(fontsize=8, loc="best")
 
