@@ -237,6 +237,7 @@ def audit(
     """Empirical ε lower bound from canary users (one-run audit), beside the accountant's ε and a no-noise control."""
     from common.config import ConfigError
     from simulations.audit import MIN_CONTROL_EPSILON, audit as run, format_bound
+    from simulations.interrupt import Interrupted
     from simulations.simulate import SimulationFailed
 
     def progress(name: str, p: dict) -> None:
@@ -251,6 +252,8 @@ def audit(
     except SimulationFailed as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    except Interrupted as stop:
+        stopped(str(stop), stop.exit_code)
     table = Table(title=f"privacy audit: {result['canaries']} canaries ({result['canaries_included']} in), "
                         f"{result['confidence']:.0%} confidence, δ = {result['delta']:.1e}")
     for column in ("run", "claimed ε", "ε lower bound", "correct / guesses", "AUROC", "TPR @ 1% FPR", "wall s"):
