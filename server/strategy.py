@@ -11,7 +11,7 @@ when enabled, between them, so that it only ever sees checked updates):
   :class:`RunFailed` after ``max-failed-rounds`` skipped rounds in a row;
 - :class:`BudgetAwareFedAvg`, the inner one, samples the connected sites whose budget is
   not spent (waiting at most ``wait-for-sites``), builds the messages of the contract
-  (notes/CONTRACT.md) and averages the updates it is given, every site weighing 1: DP
+  (docs/DESIGN.md, "Messages") and averages the updates it is given, every site weighing 1: DP
   sites do not send their user counts, and a claimed count is not something the server
   can check.
 """
