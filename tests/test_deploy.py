@@ -339,10 +339,11 @@ def test_three_sites_over_tls_with_node_auth(federation):
 def test_second_run_continues_from_the_spent_budget_with_central_dp(federation):
     before = {i: _ledger_epsilon(p) for i, p in federation.ledgers.items()}
     assert all(steps == 4 for _, steps in before.values()), "needs the first run"
-    # The sites keep their ledgers: a run asking for more than a site's budget gets nothing more.
-    with pytest.raises(deploy.DeployError):  # no site can train: the run fails, saying so
-        _run(federation, "run2-refused", epsilon=16.0, **{"num-server-rounds": 1})
-    assert all(_ledger_epsilon(p)[0] <= 8.0 for p in federation.ledgers.values())
+    # The sites keep their ledgers: a run asking for ε = 16 gets at most what is left of each
+    # site's own budget of 8 (a sliver, spent with very large noise), never more.
+    capped, _ = _run(federation, "run2-capped", epsilon=16.0, **{"num-server-rounds": 1})
+    assert capped["epsilon"] <= 8.0 + 1e-9
+    assert all(_ledger_epsilon(p)[0] <= 8.0 + 1e-9 for p in federation.ledgers.values())
     # Each site raises its own budget (logged in its ledger); ε then grows from what was spent, not from 0.
     for i, path in federation.ledgers.items():
         done = subprocess.run([*FEDENC, "ledger", "raise-budget", str(path), "--to", "16", "--reason", "second study"],
@@ -358,7 +359,7 @@ def test_second_run_continues_from_the_spent_budget_with_central_dp(federation):
     assert first["epsilon"] > max(eps for eps, _ in before.values())
     for i, path in federation.ledgers.items():
         eps, steps = _ledger_epsilon(path)
-        assert steps == 8 and eps > before[i][0] and _releases(path) == 2  # a new run pays for its prior
+        assert steps == before[i][1] + 4 and eps > before[i][0] and _releases(path) == 3  # each run pays for its prior
     assert 0 < lines[1]["central_epsilon"] < lines[2]["central_epsilon"] == pytest.approx(summary["final"]["central_epsilon"])
     timings = json.loads((federation.root / "timings.json").read_text()) if (federation.root / "timings.json").exists() else {}
     timings |= {"run2_central_dp_wall_s": wall, "run2_bytes_up": [line["bytes_up"] for line in lines]}
