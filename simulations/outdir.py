@@ -22,7 +22,7 @@ from common.config import ConfigError
 
 # Every file and folder a simulation run leaves in its output folder.
 RUN_FILES = ("metrics.jsonl", "summary.json", "adapter", "checkpoint", "ledgers", "flower.log", "run_config.toml",
-             "prior.npy", "run.json", "failure.json", ".flwr")
+             "prior.npy", "run.json", "failure.json", ".flwr", "MODEL_CARD.md", "report.png")
 _ASIDE = ".replaced-"  # prefix of the folder holding a run being replaced
 
 
