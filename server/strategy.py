@@ -219,22 +219,30 @@ class RoundRecord:
                 "refused": self.refused, "rejected": self.rejected, "skipped": self.skipped}
 
 
-def screen(roster: SiteRoster, record: RoundRecord, nodes: list[int], replies: list[Message],
+def screen(roster: SiteRoster, record: RoundRecord, sent: list[Message], replies: list[Message],
            check) -> tuple[list[tuple[Message, object]], list[dict]]:
-    """Sort ``replies`` of the messages sent to ``nodes`` into ``record``; return the
-    usable (reply, checked value) pairs and every site report (metrics and report fields).
+    """Sort the ``replies`` to the messages ``sent`` into ``record``; return the usable
+    (reply, checked value) pairs and every site report (metrics and report fields).
     ``check(reply) -> (value or None, why)`` judges one reply's payload."""
+    # The SuperLink answers for a node it lost ("Node Unavailable") from its own id: a
+    # reply belongs to the node its question went to.
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+
+    def sender(msg: Message) -> int:
+        return asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
     for msg in replies:
         roster.learn(msg)
+    nodes = [m.metadata.dst_node_id for m in sent]
     record.sampled = [roster.label(n) for n in nodes]
-    answered = {m.metadata.src_node_id for m in replies}
+    answered = {sender(m) for m in replies}
     record.replied = [roster.label(n) for n in sorted(answered)]
     for node in nodes:
         if node not in answered:
             record.failed[roster.label(node)] = "no reply within round-timeout"
     usable, reports = [], []
     for msg in replies:
-        node = msg.metadata.src_node_id
+        node = sender(msg)
         who = roster.label(node)
         if msg.has_error():
             record.failed[who] = msg.error.reason or f"error code {msg.error.code}"
@@ -272,7 +280,7 @@ class ScreenedRounds(Strategy):
         self.trainer, self.roster = trainer, roster
         self.update_bound, self.max_failed_rounds = update_bound, max_failed_rounds
         self.sent = ArrayRecord()
-        self.nodes: list[int] = []
+        self.messages: list[Message] = []
         self.last_round = RoundRecord("train")
         self.site_reports: list[dict] = []
         self.skipped_in_a_row = 0
@@ -283,12 +291,12 @@ class ScreenedRounds(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.sent = arrays
         messages = list(self.trainer.configure_train(server_round, arrays, config, grid))
-        self.nodes = [m.metadata.dst_node_id for m in messages]
+        self.messages = messages  # their ids, set when Flower sends them, pair the replies
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = RoundRecord("train")
-        usable, self.site_reports = screen(self.roster, record, self.nodes, list(replies),
+        usable, self.site_reports = screen(self.roster, record, self.messages, list(replies),
                                            lambda msg: check_update(self.sent, msg.content, self.update_bound))
         valid = [msg for msg, _ in usable]
         record.trained = sorted(self.roster.label(m.metadata.src_node_id) for m in valid)
@@ -297,7 +305,7 @@ class ScreenedRounds(Strategy):
         if len(valid) < self.roster.min_sites:
             record.skipped = (f"{len(valid)} valid update(s), fewer than min-sites = {self.roster.min_sites}; "
                               "the global model is kept")
-            if not self.nodes:
+            if not self.messages:
                 record.skipped = "no site to ask: every connected site refused before or has spent its budget"
             self.skipped_in_a_row += 1
             log(logging.WARNING, "fedenc: round %d skipped: %s", server_round, record.skipped)
@@ -359,7 +367,7 @@ def collect_counts(grid: Grid, roster: SiteRoster, config: ConfigRecord, num_ite
     messages = [Message(content=query, message_type=f"{MessageType.QUERY}.counts", dst_node_id=n) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     record = RoundRecord("prior")
-    usable, reports = screen(roster, record, nodes, replies, lambda msg: check_counts(msg, num_items))
+    usable, reports = screen(roster, record, messages, replies, lambda msg: check_counts(msg, num_items))
     record.trained = sorted(roster.label(m.metadata.src_node_id) for m, _ in usable)
     if len(usable) < roster.min_sites:
         why = "; ".join(f"site {s}: {w}" for s, w in (record.failed | record.rejected | record.refused).items())

@@ -73,6 +73,10 @@ def test_bad_updates_are_rejected_failures_recorded_and_weights_ignored(flower_i
     screened, grid = rounds(7)
     messages = {m.metadata.dst_node_id: m for m in screened.configure_train(1, to_array_record(GLOBAL), ConfigRecord(), grid)}
     assert sorted(messages) == list(range(1, 8))
+    for m in messages.values():  # what Flower does as it sends them
+        m.metadata.__dict__["_message_id"] = m.object_id
+    lost = Message(Error(code=5, reason="Node Unavailable"), reply_to=messages[6])
+    lost.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node it lost
     honest = {"w": np.full((4, 3), 0.5, np.float32), "b": np.ones(3, np.float32)}
     replies = [
         reply(messages[1], honest, site=0),
@@ -80,7 +84,7 @@ def test_bad_updates_are_rejected_failures_recorded_and_weights_ignored(flower_i
         reply(messages[3], {"w": np.ones(1, np.float32), "b": honest["b"]}, site=3),  # would broadcast
         reply(messages[4], {k: 1e6 * v for k, v in honest.items()}, site=4),
         reply(messages[5], {"w": np.zeros((4, 3), np.float32), "b": -honest["b"]}, site=5, **{"num-examples": 10**9}),
-        Message(Error(code=0, reason="boom at the site"), reply_to=messages[6]),
+        lost,
     ]  # node 7 never replies
     arrays, _ = screened.aggregate_train(1, replies)
     r = screened.last_round
@@ -88,7 +92,7 @@ def test_bad_updates_are_rejected_failures_recorded_and_weights_ignored(flower_i
     assert r.trained == ["0", "5"] and not r.skipped
     assert set(r.rejected) == {"2", "3", "4"}
     assert "non-finite" in r.rejected["2"] and "shape (1,)" in r.rejected["3"] and "exceeds the bound" in r.rejected["4"]
-    assert r.failed == {"node 6": "boom at the site", "node 7": "no reply within round-timeout"}
+    assert r.failed == {"node 6": "Node Unavailable", "node 7": "no reply within round-timeout"}
     line = r.line()
     assert (line["sites"], line["refused"], line["failed"], line["rejected"]) == (2, 0, 2, 3)
     assert line["bytes_up"] == 2 * ArrayRecord({k: Array(v) for k, v in honest.items()}).count_bytes()
