@@ -100,8 +100,9 @@ class Recommender(nn.Module):
     """User tower (text ⊕ behaviour) scored against a fixed catalogue bank.
 
     Batch keys: ``text`` (B, T) token ids of the history text, or (B, T, H) its cached
-    lower-layer states (:func:`common.training.with_lower_states`), ``mask`` (B, T), ``history`` (B, M) item indices most recent first (-1 = pad),
-    ``targets`` (B, P) item indices (-1 = pad).
+    lower-layer states (:func:`common.training.with_lower_states`), ``mask`` (B, T),
+    ``history`` (B, M) item indices most recent first (-1 = pad), ``targets`` (B, P) item
+    indices (-1 = pad).
 
     Example::
 
