@@ -268,6 +268,8 @@ def load_run(path: str | Path, device: str = "auto") -> Run:
         raise RunError(f"{path}: no such run folder")
     if not (adapter / SETTINGS_FILE).is_file() or not (adapter / HEAD_FILE).is_file():
         raise RunError(f"{path}: no model in adapter/ (not a finished run, or a baseline without a model)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"device {device}: no CUDA device on this machine (use cpu)")
     try:
         settings = run_settings(json.loads((adapter / SETTINGS_FILE).read_text()), device)
         data, _ = dataset(settings.data)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from common.config import load_config_file
@@ -22,6 +24,8 @@ from common.training import ranking_metrics
 from simulations.baselines import run_baseline
 from simulations.cli import app
 from test_simulate import TINY, explain, fedenc, read_metrics
+
+TOY_CSV = Path(__file__).parent / "data" / "toy" / "interactions.csv"  # another catalogue than the run's
 
 L3 = 1 / math.log2(3)
 
@@ -213,6 +217,8 @@ def test_cli_user_and_history_file(model, run_dir, tmp_path):
     assert from_file["recommendations"] == out["recommendations"]
     table = invoke("--run", str(run_dir), "--user", user, "-k", "3")
     assert table.exit_code == 0 and out["recommendations"][0]["title"] in table.stdout
+    named = json.loads(invoke("--run", str(run_dir), "--user", user, "--dataset", "movietweetings", "--json", "-k", "3").stdout)
+    assert named["recommendations"] == out["recommendations"]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -221,6 +227,9 @@ def test_cli_user_and_history_file(model, run_dir, tmp_path):
     (["--history", "a", "--user", "b"], "exactly one of"),
     (["--user", "nobody-here"], "is not in the run's dataset"),
     (["--history", " ; "], "history is empty"),
+    (["--user", "u1", "--dataset", str(TOY_CSV)], "catalogue is not the one the run's model ranks"),
+    (["--history", "x", "--device", "cuda:7"] if not torch.cuda.is_available() else ["--history", "x", "--device", "tpu"],
+     "device"),
 ])
 def test_cli_bad_input(args, needle, run_dir, tmp_path):
     run = str(tmp_path / "missing") if needle == "no such run folder" else str(run_dir)
