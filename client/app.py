@@ -31,6 +31,7 @@ from common.config import Settings
 from common.ledger import PrivacyLedger
 from common.privacy import BudgetExhausted, PolicyRefused, PrivacyError, PrivacySettings, SitePolicy
 from common.site import Site
+from common.site_cache import SiteCache
 from common.transport import from_array_record, to_array_record
 
 app = ClientApp()
@@ -47,7 +48,8 @@ def _open(context: Context) -> tuple[Site, NodeConfig, SitePolicy]:
     torch.set_num_threads(node.torch_threads)
     if node.deployed:  # the site's own files, filtered and rendered as the run asks
         spec = replace(settings.data, dataset=node.dataset, data_path=node.data_path, items_path=node.items_path)
-        return Site.open(settings, node.site_id, 1, spec), node, node.policy
+        cache = SiteCache(node.cache, node.cache_mb * 2**20) if node.cache else None
+        return Site.open(settings, node.site_id, 1, spec, cache), node, node.policy
     node = node.with_simulation_storage(settings["ledger-dir"])
     policy = SitePolicy(settings.privacy.epsilon, settings.privacy.delta, allow_non_private=True)
     return Site.open(settings, *node.partition), node, policy

@@ -17,6 +17,8 @@ Deployment keys (required: ``data-path``, ``site-id``, ``epsilon-budget``, ``led
 - ``allow-non-private`` — serve runs that ask for no DP (default false);
 - ``state-dir`` — the site's private state outside the ledger: the ledger's marker and the
   update it keeps per round (default ``$FEDENC_STATE_DIR`` or ``~/.local/state/fedenc``);
+- ``cache-mb`` — size bound of the site's row cache in ``state-dir/cache`` (default 1024;
+  0: no cache): tokenised rows and lower-layer states kept between messages;
 - ``torch-threads`` — torch threads of the ClientApp (default 1: one per simulated site).
 """
 
@@ -32,6 +34,7 @@ from common.privacy import PrivacyError, SitePolicy
 DEPLOYMENT_KEYS = {
     "data-path": str, "items-path": str, "dataset": str, "site-id": int, "epsilon-budget": float,
     "ledger-path": str, "delta": float, "allow-non-private": bool, "state-dir": str, "torch-threads": int,
+    "cache-mb": int,
 }  # fmt: skip
 REQUIRED = ("data-path", "site-id", "epsilon-budget", "ledger-path")
 SIMULATION_KEYS = {"partition-id": int, "num-partitions": int, "torch-threads": int}
@@ -59,6 +62,7 @@ class NodeConfig:
     dataset: str = "csv"
     partition: tuple[int, int] | None = None  # (partition-id, num-partitions) in simulation
     torch_threads: int = 1
+    cache_mb: int = 1024  # a few thousand users' lower-layer states of a MiniLM-sized encoder
 
     @property
     def deployed(self) -> bool:
@@ -93,11 +97,15 @@ class NodeConfig:
             policy = SitePolicy(budget, values.get("delta"), values.get("allow-non-private", False))
         except PrivacyError as err:
             raise NodeConfigError(f"node config {err}") from None
+        for key, low in (("cache-mb", 0), ("torch-threads", 1)):
+            if values.get(key, low) < low:
+                raise NodeConfigError(f"node config {key}: must be >= {low}, got {values[key]}")
         state = values.get("state-dir") or os.environ.get("FEDENC_STATE_DIR") or "~/.local/state/fedenc"
         return cls(
             values["site-id"], policy, Path(values["ledger-path"]).expanduser(), Path(state).expanduser(),
             data_path=values["data-path"], items_path=values.get("items-path"),
             dataset=values.get("dataset", "csv"), torch_threads=values.get("torch-threads", 1),
+            cache_mb=values.get("cache-mb", 1024),
         )
 
     def with_simulation_storage(self, ledger_dir: str) -> NodeConfig:
@@ -112,6 +120,11 @@ class NodeConfig:
     def marker(self) -> Path | None:
         """Outside the ledger file: where the ledger is and how much it held (fail closed)."""
         return self.state_dir / f"{self.name}.marker.json" if self.state_dir else None
+
+    @property
+    def cache(self) -> Path | None:
+        """Rows derived from the site's data, kept between messages (deployment only)."""
+        return self.state_dir / "cache" if self.state_dir and self.deployed and self.cache_mb > 0 else None
 
     @property
     def kept(self) -> Path | None:

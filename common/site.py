@@ -16,11 +16,12 @@ import torch
 
 from .config import Settings
 from .data import DataSpec, Interactions, Split, leave_one_out, load
+from .encoder import resolve_model_path
 from .examples import EvalRows, evaluation_rows, training_rows
 from .model import Recommender
-from .partition import partition_users
 from .ledger import PrivacyLedger
 from .privacy import BudgetExhausted, PrivacySettings, TooFewUsers
+from .site_cache import SiteCache, model_files
 from .training import evaluate, resolve_device, train_local, with_lower_states
 
 _LOCK = threading.Lock()
@@ -54,6 +55,8 @@ def site_users(settings: Settings, data: Interactions, site: int, num_sites: int
     """The users of simulated site ``site`` out of ``num_sites`` (partitioned once per process)."""
     key = (data.fingerprint(), num_sites, settings["partition"], settings["partition-column"],
            settings["dirichlet-alpha"], settings["seed"])
+    from .partition import partition_users  # flwr-datasets: only simulated sites partition
+
     with _LOCK:
         if key not in _PARTITIONS:
             _PARTITIONS[key] = partition_users(
@@ -73,13 +76,15 @@ class Site:
     split: Split
     users: np.ndarray
     model: Recommender
+    cache: SiteCache | None = None  # deployment: rows kept on the site's disk across messages
     _train_rows: torch.utils.data.TensorDataset | None = None
     _valid_rows: EvalRows | None = None
 
     @classmethod
-    def open(cls, settings: Settings, site: int, num_sites: int, spec: DataSpec | None = None):
+    def open(cls, settings: Settings, site: int, num_sites: int, spec: DataSpec | None = None, cache: SiteCache | None = None):
         """Simulation (``spec`` None: partition the run's dataset) or deployment (``spec``:
-        the site's own files; all their users are the site's)."""
+        the site's own files; all their users are the site's; ``cache``: where the rows
+        derived from them are kept between messages)."""
         key = (json.dumps(settings.values, sort_keys=True), site, num_sites, spec)
         with _LOCK:
             cached = _SITES.get(key)
@@ -88,26 +93,43 @@ class Site:
         data, split = dataset(spec or settings.data)
         users = np.arange(len(data.user_ids)) if spec else site_users(settings, data, site, num_sites)
         model = shared_model(settings, data)
-        made = cls(f"site-{site}", settings, data, split, users, model)
+        made = cls(f"site-{site}", settings, data, split, users, model, cache)
         with _LOCK:
             _SITES[key] = made
         return made
 
+    def _rows(self, which: str, compute) -> dict[str, torch.Tensor]:
+        if self.cache is None:
+            return compute()
+        m, s = self.settings.model, self.settings
+        key = {"which": which, "data": self.data.fingerprint(self.users), "catalogue": self.data.catalogue.fingerprint(),
+               "encoder": model_files(resolve_model_path(m.model)), "model": repr(m), "targets": s.train.targets_per_user}
+        return self.cache.get_or_compute(key, compute)
+
     def train_rows(self):
         if self._train_rows is None:
             m = self.settings.model
-            rows = training_rows(
-                self.data.catalogue, self.split, self.users, self.model.tokenizer,
-                m.max_tokens, m.max_history, self.settings.train.targets_per_user,
-            )
-            self._train_rows = with_lower_states(self.model, rows)
+
+            def compute() -> dict[str, torch.Tensor]:
+                rows = training_rows(self.data.catalogue, self.split, self.users, self.model.tokenizer,
+                                     m.max_tokens, m.max_history, self.settings.train.targets_per_user)
+                return {"rows": list(with_lower_states(self.model, rows).tensors)}
+
+            self._train_rows = torch.utils.data.TensorDataset(*self._rows("train", compute)["rows"])
         return self._train_rows
 
     def valid_rows(self) -> EvalRows:
         if self._valid_rows is None:
             m = self.settings.model
-            rows = evaluation_rows(self.data.catalogue, self.split, self.users, self.model.tokenizer, m.max_tokens, m.max_history, "valid")
-            self._valid_rows = EvalRows(with_lower_states(self.model, rows.dataset), rows.exclude)
+
+            def compute() -> dict[str, torch.Tensor]:
+                rows = evaluation_rows(self.data.catalogue, self.split, self.users, self.model.tokenizer,
+                                       m.max_tokens, m.max_history, "valid")
+                return {"rows": list(with_lower_states(self.model, rows.dataset).tensors),
+                        "exclude": [torch.as_tensor(e) for e in rows.exclude]}
+
+            found = self._rows("valid", compute)
+            self._valid_rows = EvalRows(torch.utils.data.TensorDataset(*found["rows"]), [e.numpy() for e in found["exclude"]])
         return self._valid_rows
 
     def release_counts(self, ledger: PrivacyLedger, privacy: PrivacySettings) -> np.ndarray:

@@ -303,3 +303,47 @@ def test_ledger_show_and_raise_budget(tmp_path):
     assert lower.returncode == 2 and lower.stderr.startswith("error:") and "above the current one" in lower.stderr
     missing = _fedenc("show", tmp_path / "nowhere.json")
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: privacy ledger {tmp_path / 'nowhere.json'} does not exist"
+
+
+# --- the site's row cache (deployment: one process per message) -------------------------------------
+
+
+def test_a_deployed_site_derives_its_rows_once_across_messages(flower_task, site_files, run, monkeypatch):
+    import common.site
+
+    computed = []
+    real = common.site.with_lower_states
+    monkeypatch.setattr(common.site, "with_lower_states", lambda model, rows: computed.append(len(rows)) or real(model, rows))
+
+    def fresh_process():  # what Flower does for every message in deployment
+        common.site._SITES.clear()
+
+    state = _global_state(site_files, run)
+    first = _train(site_files, run, state, **{"run-token": "c", "run-round": 1})
+    assert computed == [300]
+    fresh_process()
+    _train(site_files, run, state, **{"run-token": "c", "run-round": 2})
+    assert computed == [300]  # read from state-dir/cache, not recomputed
+    cached = list((Path(site_files["state-dir"]) / "cache").glob("*.pt"))
+    assert len(cached) == 1
+    fresh_process()
+    _train(site_files, run | {"max-tokens": 12}, _global_state(site_files, run | {"max-tokens": 12}),
+           **{"run-token": "d", "run-round": 1})
+    assert computed == [300, 300]  # other settings, other rows
+    fresh_process()
+    _train(site_files | {"cache-mb": 0}, run, state, **{"run-token": "c", "run-round": 3})
+    assert computed == [300, 300, 300]  # cache off
+    assert first.content["metrics"]["refused"] == 0
+
+
+def test_the_site_cache_stays_within_its_bound(tmp_path):
+    import torch
+
+    from common.site_cache import SiteCache
+
+    cache = SiteCache(tmp_path, max_bytes=3 * 4_000)
+    for i in range(5):
+        cache.get_or_compute({"i": i}, lambda: {"x": torch.zeros(1_000)})  # ~4 kB each
+    files = sorted(tmp_path.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+    assert sum(p.stat().st_size for p in files) <= 3 * 4_000 and len(files) >= 1
+    assert cache.get_or_compute({"i": 4}, lambda: 1 / 0)["x"].shape == (1_000,)  # the newest is kept
