@@ -140,3 +140,15 @@ def test_fedenc_report_cli(reported, tmp_path):
         errors = [x for x in result.stderr.splitlines() if x.startswith("error:")]
         assert result.exit_code == 2 and len(errors) == 1 and needle in errors[0], result.output
         assert "Traceback" not in result.output
+
+
+def test_sweep_table_carries_recall_and_auc(sweep_dir, tmp_path):
+    from simulations.sweep import COLUMNS, Cell, table, write_csv
+
+    [row] = table([Cell("popularity", math.inf, 0)], sweep_dir)
+    best = json.loads((sweep_dir / "popularity-epsinf-seed0" / "summary.json").read_text())["best_validation"]
+    assert row["auc"] == best["test/auc"] and 0 < row["auc"] < 1
+    assert row["recall@10"] == row["hr@10"] == best["test/hr@10"]
+    write_csv([row], tmp_path / "sweep.csv")
+    header = (tmp_path / "sweep.csv").read_text().splitlines()[0].split(",")
+    assert header == list(COLUMNS) and {"recall@10", "auc"} <= set(header)
