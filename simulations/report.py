@@ -64,7 +64,8 @@ def read_run(run: str | Path) -> tuple[dict, list[dict]]:
 def _sites(summary: dict) -> dict[str, dict]:
     """Per-site privacy facts as far as the site reported them (fields may be absent)."""
     out = {}
-    for name, site in sorted((summary.get("sites") or {}).items()):
+    sites = summary.get("sites")
+    for name, site in sorted(sites.items() if isinstance(sites, dict) else []):
         if not isinstance(site, dict):
             continue
         out[str(name)] = {k: site.get(k) for k in ("epsilon", "delta", "budget", "steps", "refused", "reason")
@@ -79,7 +80,10 @@ def _adapter(run: Path, settings: dict) -> dict:
     config_path = run / "adapter" / "adapter_config.json"
     if not config_path.is_file():
         return {}
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{config_path}: unreadable ({err})") from None
     return {
         "type": config.get("peft_type", "LORA"),
         "rank": config.get("r"),
@@ -154,11 +158,12 @@ def model_card(run: str | Path) -> dict:
     run = Path(run)
     summary, rows = read_run(run)
     settings = summary.get("settings") or {}
-    private = _number(settings.get("epsilon")) is not None
+    method = summary.get("method", "federated")
+    private = _number(settings.get("epsilon")) is not None and method not in ("popularity", "zeroshot")
     card = {
         "run": run.resolve().name,
         "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "method": summary.get("method", "federated"),
+        "method": method,
         "model": {
             "base_encoder": settings.get("model"),
             "adapter": _adapter(run, settings),
@@ -213,6 +218,13 @@ def protection(card: dict) -> tuple[list[str], list[str]]:
         "A person who is a user at several sites: each site's guarantee covers its own data, so their total "
         "exposure is the composition over those sites.",
     ]
+    if card["method"] == "zeroshot":
+        return ["Every user's data: the zero-shot baseline is the untrained model; no user's data shaped it."], not_protected
+    if card["method"] == "popularity":
+        return [], ["Nothing: the most-popular baseline ranks by exact training counts over every user (no DP)."] + not_protected
+    if card["method"] == "centralized":
+        not_protected.insert(0, "Where the data sit: the centralised baseline pools every user's data in one place, "
+                                "which a federation avoids; its DP (if any) is over the pooled users.")
     if not p["private"]:
         return [], ["Nothing: this run trained without differential privacy (ε = ∞); every site's update and "
                     "count release depends on its users' data without noise."] + not_protected
@@ -290,7 +302,9 @@ def card_markdown(card: dict) -> str:
             lines += ["", f"Central site-level DP ({p['central_dp']}): ε = {_fmt(p['central_epsilon'])} "
                           f"over the rounds (see `central_epsilon` in metrics.jsonl)."]
     else:
-        lines.append("**No differential privacy**: this run trained with ε = ∞.")
+        lines.append({"popularity": "**No differential privacy**: most-popular ranks by exact training counts.",
+                      "zeroshot": "**No training**: the zero-shot baseline uses no user's data."}.get(
+            card["method"], "**No differential privacy**: this run trained with ε = ∞."))
     lines += ["", "### Protected"] + [f"- {x}" for x in card["protected"] or ["Nothing (no DP)."]]
     lines += ["", "### Not protected"] + [f"- {x}" for x in card["not_protected"]]
     f, b = e["final"], e["best_validation"]

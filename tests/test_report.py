@@ -70,6 +70,10 @@ def test_model_card_facts(reported, tiny_bert, sweep_dir):
     [base] = card["evaluation"]["baselines"]
     assert base["method"] == "popularity" and base["ndcg@10"] == popularity["best_validation"]["ndcg@10"]
     assert card["protected"] and any("evaluation numbers" in x for x in card["not_protected"])
+    assert any("pools every user's data" in x for x in card["not_protected"])  # a centralised run says so
+    popularity_card = model_card(sweep_dir / "popularity-epsinf-seed0")
+    assert not popularity_card["privacy"]["private"] and popularity_card["protected"] == []
+    assert popularity_card["not_protected"][0].startswith("Nothing: the most-popular baseline ranks by exact")
 
 
 def test_model_card_markdown(reported, tiny_bert):
