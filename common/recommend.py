@@ -117,7 +117,7 @@ class Run:
     def _names(self) -> dict[str, list[int]]:
         names: dict[str, list[int]] = {}
         cat = self.data.catalogue
-        for i, keys in enumerate(zip(cat.item_ids, cat.texts, self.titles)):
+        for i, keys in enumerate(zip(cat.item_ids, cat.texts, self.titles, strict=True)):
             for key in {k.casefold() for k in keys}:
                 names.setdefault(key, []).append(i)
         return names
@@ -206,7 +206,9 @@ class Run:
         for tensors in DataLoader(with_lower_states(self.model, rows.dataset), batch_size=batch_size):
             yield self.model.score_all(as_batch(tensors, self.device))
 
-    def recommend(self, histories: Sequence[Sequence[str | int]], k: int = 10, batch_size: int = 256) -> list[list[Recommendation]]:
+    def recommend(
+        self, histories: Sequence[Sequence[str | int]], k: int = 10, batch_size: int = 256
+    ) -> list[list[Recommendation]]:
         """The top ``k`` catalogue items for each history, never an item of that history.
 
         A history lists items oldest first: item ids, titles or item texts (see :meth:`lookup`),
@@ -223,11 +225,11 @@ class Run:
         cat = self.data.catalogue
         out, start = [], 0
         for scores in self.scores(indices, batch_size):
-            for row, history in zip(scores, indices[start : start + len(scores)]):
+            for row, history in zip(scores, indices[start : start + len(scores)], strict=True):
                 row[torch.as_tensor(history, dtype=torch.long, device=row.device)] = -torch.inf
                 top = torch.topk(row, min(k, len(cat) - len(set(history))))
                 out.append([Recommendation(cat.item_ids[i], self.titles[i], float(s))
-                            for s, i in zip(top.values.tolist(), top.indices.tolist())])
+                            for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)])
             start += len(scores)
         return out
 

@@ -279,7 +279,8 @@ def rankable_items(rows: EvalRows, num_items: int) -> np.ndarray:
     [8, 9]
     """
     targets = rows.dataset.tensors[-1][:, 0].numpy()
-    return np.array([num_items - np.setdiff1d(seen, [t]).size for seen, t in zip(rows.exclude, targets)], dtype=np.int64)
+    counts = [num_items - np.setdiff1d(seen, [t]).size for seen, t in zip(rows.exclude, targets, strict=True)]
+    return np.array(counts, dtype=np.int64)
 
 
 def evaluate(model, rows: EvalRows, device="cpu", ks=(10, 20)) -> dict[str, float]:

@@ -325,10 +325,10 @@ def history_queries(history: str | None, history_file: Path | None) -> list[str]
 @app.command()
 def recommend(
     run: Annotated[Path, typer.Option("--run", help="A finished run folder (with adapter/).")],
-    history: Annotated[str | None, typer.Option(help='Items the user had, oldest first: "title; title; ..." (titles or item ids).')] = None,
+    history: Annotated[str | None, typer.Option(help='Items the user had, oldest first: "title; title" (or item ids).')] = None,
     history_file: Annotated[Path | None, typer.Option(help="A file with one title or item id per line, oldest first.")] = None,
     user: Annotated[str | None, typer.Option(help="A user id of the run's dataset: their whole history.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="With --user: the dataset to read the user from (default: the run's).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="With --user: the dataset holding the user (default: the run's).")] = None,
     items: Annotated[str | None, typer.Option(help="With --dataset CSV: the items CSV.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many items to recommend.")] = 10,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -355,7 +355,8 @@ def recommend(
         else:
             indices, unknown = model.lookup(queries)
             if not indices:
-                fail("no item of the history is in the catalogue: " + "; ".join(describe_unknown(q, c) for q, c in unknown.items()))
+                named = "; ".join(describe_unknown(q, c) for q, c in unknown.items())
+                fail(f"no item of the history is in the catalogue: {named}")
         recs = model.recommend([indices], k=k)[0]
     except (RunError, DataError) as err:
         fail(str(err))
@@ -367,7 +368,8 @@ def recommend(
             "run": str(run), "k": k, "user": user,
             "history": [{"item_id": cat.item_ids[i], "title": model.titles[i]} for i in indices],
             "unknown": [{"query": q, "closest": c} for q, c in unknown.items()],
-            "recommendations": [{"rank": r + 1, "item_id": x.item_id, "title": x.title, "score": x.score} for r, x in enumerate(recs)],
+            "recommendations": [{"rank": r, "item_id": x.item_id, "title": x.title, "score": x.score}
+                                for r, x in enumerate(recs, 1)],
         }, indent=1, ensure_ascii=False))
         return
     table = Table(title=f"top {len(recs)} for a history of {len(indices)} item(s)" + (f" (user {user})" if user else ""))
@@ -384,7 +386,8 @@ def user_history(model, user: str, dataset: str | None, items: str | None) -> li
 
     if dataset is None:
         return model.history_of(user)
-    data = load(spec_for(dataset, items, k_core=model.settings.data.k_core, rating_threshold=model.settings.data.rating_threshold))
+    spec = model.settings.data
+    data = load(spec_for(dataset, items, k_core=spec.k_core, rating_threshold=spec.rating_threshold))
     if data.catalogue.item_ids != model.data.catalogue.item_ids:
         raise RunError(f"--dataset {dataset}: its item catalogue is not the one the run's model ranks")
     if user not in data.user_ids:

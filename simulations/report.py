@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common.files import atomic_write, atomic_write_json, atomic_write_text
@@ -162,7 +162,7 @@ def model_card(run: str | Path) -> dict:
     private = _number(settings.get("epsilon")) is not None and method not in ("popularity", "zeroshot")
     card = {
         "run": run.resolve().name,
-        "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "method": method,
         "model": {
             "base_encoder": settings.get("model"),
@@ -171,7 +171,9 @@ def model_card(run: str | Path) -> dict:
                                                ("fusion gate and recency attention", "train-fusion"),
                                                ("user projection", "train-projection"),
                                                ("logit scale", "learn-logit-scale")) if settings.get(key)],
-            "trainable_parameters": (summary["bytes_per_update"] // 4) if isinstance(summary.get("bytes_per_update"), int) else None,
+            # the update is float32 arrays: 4 bytes a parameter
+            "trainable_parameters": (summary["bytes_per_update"] // 4
+                                     if isinstance(summary.get("bytes_per_update"), int) else None),
             "popularity_prior": (_number(settings.get("popularity-prior")) or 0.0) > 0,
             "history": {"items": settings.get("max-history"), "tokens": settings.get("max-tokens")},
         },
@@ -371,10 +373,10 @@ def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
     eps = [_number(r.get("epsilon")) or 0.0 for r in rows]
     settings = summary.get("settings") or {}
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    method = summary.get("method")
+    method, budget = summary.get("method"), _number(settings.get("epsilon"))
     title = (f"{run.resolve().name}" + (f" ({method} baseline)" if method else "")
              + f": {settings.get('dataset', '?')}, {settings.get('num-sites', '?')} sites, "
-             f"{len(rows) - 1} rounds, ε budget {_fmt(_number(settings.get('epsilon'))) if _number(settings.get('epsilon')) else '∞'} per site")
+             f"{len(rows) - 1} rounds, ε budget {_fmt(budget) if budget else '∞'} per site")
     fig.suptitle(title, fontsize=13)
     base = baselines(run, summary)
 
@@ -404,7 +406,7 @@ def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
         ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"best validation (round {best})")
     baseline_lines(ax)
     ax.set_xticks(rounds)
-    ax.set_xticklabels([f"{r}\nε {e:.2f}" for r, e in zip(rounds, eps)] if len(rounds) <= 12 else rounds)
+    ax.set_xticklabels([f"{r}\nε {e:.2f}" for r, e in zip(rounds, eps, strict=True)] if len(rounds) <= 12 else rounds)
     ax.set_xlabel("round (and largest ε any site has spent after it)")
     ax.set_ylabel("NDCG@10 (central evaluation)")
     ax.set_title("NDCG@10 per round")
@@ -414,7 +416,7 @@ def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
     if max(eps) > 0:
         ax.plot(eps, ndcg("valid"), "o-", color="C0", label="validation")
         ax.plot(eps, ndcg("test"), "s--", color="C1", label="test")
-        for r, e, y in zip(rounds, eps, ndcg("test")):
+        for r, e, y in zip(rounds, eps, ndcg("test"), strict=True):
             if y is not None:
                 ax.annotate(f"r{r}", (e, y), textcoords="offset points", xytext=(4, 6), fontsize=8, color="C1")
         baseline_lines(ax)
@@ -429,7 +431,7 @@ def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
     per_site = site_epsilons(rows)
     many = len(per_site) > 10  # one legend entry per site stops being readable
     for i, (site, points) in enumerate(sorted(per_site.items(), key=lambda kv: _site_order(kv[0]))):
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         if many:
             ax.plot(xs, ys, "-", color="C0", alpha=0.3, label=f"each of {len(per_site)} sites" if i == 0 else None)
         else:  # markers shrink from site to site so that sites with equal ε stay visible
@@ -442,7 +444,6 @@ def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
                         label=f"site {site} at the end ({s['epsilon']:.3f})")
         ax.text(0.02, 0.97, "this run's metrics.jsonl has no per-site ε per round;\nmarkers: each site's ε at the end",
                 transform=ax.transAxes, va="top", fontsize=8, color="dimgrey")
-    budget = _number(settings.get("epsilon"))
     if budget:
         ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget ε = {budget:g}")
         ax.set_ylim(0, max([budget] + eps) * 1.2)  # room for the note above the budget line
@@ -456,11 +457,11 @@ def plot_report(run: str | Path, path: str | Path | None = None) -> Path:
     train = [(r["round"], _number(r.get("train_loss"))) for r in rows]
     train = [(x, y) for x, y in train if y is not None]
     if train:
-        ax.plot(*zip(*train), "o-", color="C2", label="train loss (sites' mean)")
+        ax.plot(*zip(*train, strict=True), "o-", color="C2", label="train loss (sites' mean)")
     valid = [(r["round"], _number(r.get("valid/loss"))) for r in rows]
     valid = [(x, y) for x, y in valid if y is not None]
     if valid:
-        ax.plot(*zip(*valid), "s--", color="C0", label="validation loss (central)")
+        ax.plot(*zip(*valid, strict=True), "s--", color="C0", label="validation loss (central)")
     ax.set_xticks(rounds if len(rounds) <= 20 else ax.get_xticks())
     ax.set_xlabel("round")
     ax.set_ylabel("cross-entropy of the next item")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_simulate import TINY, explain, fedenc, read_metrics
 from typer.testing import CliRunner
 
 from common.config import load_config_file
@@ -23,7 +24,6 @@ from common.recommend import RunError, UnknownItems, load_run
 from common.training import ranking_metrics
 from simulations.baselines import run_baseline
 from simulations.cli import app
-from test_simulate import TINY, explain, fedenc, read_metrics
 
 TOY_CSV = Path(__file__).parent / "data" / "toy" / "interactions.csv"  # another catalogue than the run's
 
@@ -121,7 +121,7 @@ def test_batches_score_each_history_alone(model):
     a, b = model.history_of(model.data.user_ids[0]), model.history_of(model.data.user_ids[1])
     together = model.recommend([a, b], k=5)
     alone = [model.recommend([a], k=5)[0], model.recommend([b], k=5)[0]]
-    for got, want in zip(together, alone):
+    for got, want in zip(together, alone, strict=True):
         assert [r.item_id for r in got] == [r.item_id for r in want]
         assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-5)
 
