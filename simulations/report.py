@@ -68,7 +68,7 @@ def _sites(summary: dict) -> dict[str, dict]:
     for name, site in sorted(sites.items() if isinstance(sites, dict) else []):
         if not isinstance(site, dict):
             continue
-        out[str(name)] = {k: site.get(k) for k in ("epsilon", "delta", "budget", "steps", "refused", "reason")
+        out[str(name)] = {k: site.get(k) for k in ("epsilon", "delta", "budget", "noise_multiplier", "steps", "refused", "reason")
                           if site.get(k) is not None}
         accountant = site.get("accountant")
         if isinstance(accountant, str) and accountant in ("rdp", "prv"):
@@ -292,14 +292,14 @@ def card_markdown(card: dict) -> str:
             + (f", {_fmt(p['prior_share'])} of the budget on the popularity counts (cap {p['prior_cap']} items per user)"
                if m["popularity_prior"] else "") + ".",
             "",
-            "| site | ε spent | δ | budget | accountant |",
-            "|---|---|---|---|---|",
+            "| site | ε spent | δ | budget | noise multiplier σ | accountant |",
+            "|---|---|---|---|---|---|",
         ]
         for name, s in p["sites"].items():
             lines.append(f"| {name} | {_fmt(s.get('epsilon'))} | {_fmt(s.get('delta'), 3)} | {_fmt(s.get('budget'))} | "
-                         f"{s.get('accountant', p['accountant'])} |")
+                         f"{_fmt(s.get('noise_multiplier'))} | {s.get('accountant', p['accountant'])} |")
         if not p["sites"]:
-            lines.append("| (no site reported) | | | | |")
+            lines.append("| (no site reported) | | | | | |")
         if p["central_dp"] != "none":
             lines += ["", f"Central site-level DP ({p['central_dp']}): ε = {_fmt(p['central_epsilon'])} "
                           f"over the rounds (see `central_epsilon` in metrics.jsonl)."]

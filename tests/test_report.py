@@ -120,7 +120,7 @@ def test_per_site_epsilon_per_round_and_no_train_loss(tmp_path):
     card = model_card(run)
     assert card["privacy"]["sites"] == {"0": {"epsilon": 6.0, "budget": 8.0}, "1": {"epsilon": 2.5, "delta": 1e-4, "refused": 1}}
     text = card_markdown(card)
-    assert "| 1 | 2.5 | 0.0001 | – |" in text and "No baseline runs" in text
+    assert "| 1 | 2.5 | 0.0001 | – | – |" in text and "No baseline runs" in text
 
 
 def test_a_run_without_dp_says_so(tmp_path):
