@@ -69,22 +69,29 @@ def step_table(settings: Settings, batch_sizes, users: int = 256) -> dict:
 
 
 def bare_loop(settings: Settings) -> tuple[float, dict]:
-    """The same sites, rounds, steps, averaging and central evaluation, without Flower."""
+    """The same work as the Flower arm, without Flower: the sites' count release for the
+    popularity prior, then the same rounds, steps, unweighted averaging and central evaluation."""
+    from common.prior import log_prior
+
     start = time.perf_counter()
     evaluator = CentralEvaluator(settings)
-    state = evaluator.initial_state()
-    metrics = evaluator(state)
     sites = [Site.open(settings, i, settings.num_sites) for i in range(settings.num_sites)]
     p = settings.privacy
-    with tempfile.TemporaryDirectory() as ledgers:
-        for rnd in range(1, settings.rounds + 1):
-            updates = []
+    with tempfile.TemporaryDirectory() as folder:
+
+        def ledger(site: Site) -> PrivacyLedger:
+            return PrivacyLedger.open(Path(folder) / f"{site.name}.json", site.name, p.epsilon, p.delta_for(len(site.users)), p.accountant)
+
+        if settings["popularity-prior"] > 0:  # the count query the ServerApp sends first
+            prior = log_prior(sum(site.release_counts(ledger(site), p) for site in sites))
+            evaluator.model.set_prior(prior)
             for site in sites:
-                ledger = PrivacyLedger.open(Path(ledgers) / f"{site.name}.json", site.name, p.epsilon,
-                                            p.delta_for(len(site.users)), p.accountant)
-                new, _ = site.train(state, ledger, p, planned_rounds=settings.rounds - rnd + 1)
-                updates.append(new)
-            state = {k: sum(u[k] for u in updates) / len(updates) for k in state}  # sites weigh 1, as in FedAvg here
+                site.set_prior(prior)
+        state = evaluator.initial_state()
+        metrics = evaluator(state)
+        for rnd in range(1, settings.rounds + 1):
+            updates = [site.train(state, ledger(site), p, planned_rounds=settings.rounds - rnd + 1)[0] for site in sites]
+            state = {k: sum(u[k] for u in updates) / len(updates) for k in state}  # sites weigh 1, as in the strategy
             if settings["fraction-evaluate"] > 0 and not settings.private:  # sites evaluate only without DP
                 for site in sites:
                     site.evaluate(state)
