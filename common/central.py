@@ -24,8 +24,8 @@ import torch
 
 from .adapter import load_trainable_state, save_adapter, state_bytes, trainable_state
 from .config import Settings
-from .files import atomic_write, atomic_write_json, atomic_write_text, default_mode, dumps, fsync_dir
 from .examples import EvalRows, evaluation_rows
+from .files import atomic_write, atomic_write_json, atomic_write_text, default_mode, dumps, fsync_dir
 from .site import dataset, shared_model
 from .training import rank_of_targets, rankable_items, ranking_metrics, resolve_device, with_lower_states
 

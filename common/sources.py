@@ -214,8 +214,8 @@ def read_csv_pair(interactions_path: Path, items_path: Path) -> RawData:
     extra = [c for c in frame.columns if c not in (*INTERACTION_COLUMNS, "rating")]
     attributes = None
     if extra:
-        attributes = pd.DataFrame({c: per_user_values(frame["user_id"], frame[c], interactions["timestamp"], str(interactions_path))
-                                   for c in extra})
+        times, source = interactions["timestamp"], str(interactions_path)
+        attributes = pd.DataFrame({c: per_user_values(frame["user_id"], frame[c], times, source) for c in extra})
 
     items = _read_table(items_path, ("item_id",))
     duplicated = items["item_id"][items["item_id"].duplicated()]
@@ -244,7 +244,8 @@ def per_user_values(users: pd.Series, values: pd.Series, times, source: str) -> 
     Logs one line when some users had several values. Indexed by user id, in order of
     first appearance.
 
-    >>> per_user_values(pd.Series(["u", "u", "u", "v"]), pd.Series(["fr", "de", "de", "fr"], name="site"), [1, 2, 3, 4], "x").tolist()
+    >>> sites = pd.Series(["fr", "de", "de", "fr"], name="site")
+    >>> per_user_values(pd.Series(["u", "u", "u", "v"]), sites, [1, 2, 3, 4], "x").tolist()
     ['de', 'fr']
     """
     rows = pd.DataFrame({"user": users.to_numpy(), "value": values.to_numpy(), "time": np.asarray(times),

@@ -84,7 +84,8 @@ def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
         rounds.site_reports = []
         taken = rounds.last_round if server_round else prior_round
         line = recorder.round_done(rnd, metrics, taken.line() if taken else {}, evaluator.model, current)
-        log(logging.INFO, "fedenc %s", json.dumps({"progress": {k: line[k] for k in ("round", "ndcg@10", "hr@10", "epsilon", "train_loss", "sites", "seconds")}}))
+        progress = {k: line[k] for k in ("round", "ndcg@10", "hr@10", "epsilon", "train_loss", "sites", "seconds")}
+        log(logging.INFO, "fedenc %s", json.dumps({"progress": progress}))
         if server_round:
             rounds.check_progress(rnd)
         return MetricRecord({k: float(v) for k, v in metrics.items()})

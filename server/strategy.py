@@ -215,8 +215,8 @@ class RoundRecord:
                 "participation": self.as_dict()}
 
     def as_dict(self) -> dict:
-        return {"stage": self.stage, "sampled": self.sampled, "replied": self.replied, "trained": self.trained, "failed": self.failed,
-                "refused": self.refused, "rejected": self.rejected, "skipped": self.skipped}
+        return {"stage": self.stage, "sampled": self.sampled, "replied": self.replied, "trained": self.trained,
+                "failed": self.failed, "refused": self.refused, "rejected": self.rejected, "skipped": self.skipped}
 
 
 def screen(roster: SiteRoster, record: RoundRecord, sent: list[Message], replies: list[Message],
@@ -335,7 +335,8 @@ class ScreenedRounds(Strategy):
         replies = list(replies)
         for msg in replies:
             if msg.has_error():
-                log(logging.WARNING, "fedenc: evaluation failed at site %s: %s", self.roster.label(msg.metadata.src_node_id), msg.error.reason)
+                log(logging.WARNING, "fedenc: evaluation failed at site %s: %s",
+                    self.roster.label(msg.metadata.src_node_id), msg.error.reason)
         return self.trainer.aggregate_evaluate(server_round, replies)
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 import tomli_w
+from test_deploy import FEDENC, _ledger_epsilon, _lines, _releases, federation  # noqa: F401  (a fixture here too)
 
 from simulations import deploy
-from test_deploy import FEDENC, _ledger_epsilon, _lines, _releases, federation  # noqa: F401  (a fixture here too)
 
 
 def crash(pid: int) -> None:

@@ -182,10 +182,10 @@ def test_counts_must_match_the_catalogue_and_be_finite(flower_identity):
 def test_derived_bound_holds_for_an_honest_dp_update(tiny_bert, movietweetings):
     """The default bound on an update (Adam's per-step bound × steps × √params) is never
     crossed by a real DP round, even with a large learning rate and heavy noise."""
+    from common.adapter import trainable_state
     from common.examples import training_rows
     from common.model import ModelSettings, Recommender
     from common.privacy import PrivacySettings
-    from common.adapter import trainable_state
     from common.training import TrainSettings, train_local, with_lower_states
 
     data, split = movietweetings

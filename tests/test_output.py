@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_simulate import TINY, assert_clean_error, fedenc
 from torch.utils.data import TensorDataset
 
 from common import central
@@ -22,7 +23,6 @@ from common.files import atomic_write_text, default_mode, dumps
 from common.partition import partition_users
 from common.training import rank_of_targets, ranking_metrics
 from simulations.outdir import Replaced, settle
-from test_simulate import TINY, assert_clean_error, fedenc
 
 
 def strict_json(text: str):
