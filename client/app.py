@@ -162,7 +162,8 @@ def train(msg: Message, context: Context) -> Message:
         rounds_left = max(1, int(config["num-rounds"]) - run_round + 1)
         with _ledger(site, node, policy, privacy, context, token) as ledger:
             new_state, result = site.train(from_array_record(msg.content["arrays"]), ledger, privacy, rounds_left)
-            metrics = _facts(node, ledger) | {"steps": int(result["steps"]), "noise_multiplier": float(ledger.noise_multiplier or 0.0)}
+            sigma = float(ledger.noise_multiplier or 0.0)
+            metrics = _facts(node, ledger) | {"steps": int(result["steps"]), "noise_multiplier": sigma}
             if result["refused"]:
                 return _reply(msg, {"arrays": msg.content["arrays"]}, metrics, result["reason"], ledger.accountant)
             if not privacy.private:  # exact statistics leave only a site whose policy allows a non-private run

@@ -45,7 +45,8 @@ def show(
     table.add_row("accountant", about["accountant"])
     table.add_row("releases / rounds / runs", f"{about['releases']} / {about['rounds']} / {about['runs']}")
     for event in about["events"]:
-        table.add_row(f"{event.get('time', '')} {event['kind']}", json.dumps({k: v for k, v in event.items() if k not in ("kind", "time")}))
+        details = {k: v for k, v in event.items() if k not in ("kind", "time")}
+        table.add_row(f"{event.get('time', '')} {event['kind']}", json.dumps(details))
     Console().print(table)
 
 

@@ -62,7 +62,8 @@ class CentralEvaluator:
 
     def _rows(self, which: str) -> EvalRows:
         m = self.settings.model
-        rows = evaluation_rows(self.data.catalogue, self.split, self.users, self.model.tokenizer, m.max_tokens, m.max_history, which)
+        rows = evaluation_rows(self.data.catalogue, self.split, self.users, self.model.tokenizer,
+                               m.max_tokens, m.max_history, which)
         return EvalRows(with_lower_states(self.model, rows.dataset), rows.exclude)
 
     def _cold_start_mask(self) -> np.ndarray:
@@ -84,7 +85,8 @@ class CentralEvaluator:
         ``self.users`` order. ``cold/…``: test users whose test item is in no training history."""
         out = {}
         for which, (ranks, loss) in ranked.items():
-            for k, v in (ranking_metrics(ranks, rankable=self.rankable[which]) | {"loss": loss, "users": int(len(ranks))}).items():
+            scores = ranking_metrics(ranks, rankable=self.rankable[which]) | {"loss": loss, "users": int(len(ranks))}
+            for k, v in scores.items():
                 out[f"{which}/{k}"] = v
         cold = ranked["test"][0][self.cold]
         cold_metrics = ranking_metrics(cold, rankable=self.rankable["test"][self.cold])

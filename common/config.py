@@ -69,7 +69,10 @@ KEYS: dict[str, Key] = {
     # -- federated training
     "num-server-rounds": Key(5, "federated rounds", minimum=1),
     "fraction-train": Key(1.0, "fraction of sites sampled per round", minimum=0),
-    "fraction-evaluate": Key(0.0, "fraction of sites asked for federated evaluation per round (0 = none; DP sites serve it only to non-private runs)", minimum=0),
+    "fraction-evaluate": Key(
+        0.0, "fraction of sites asked for federated evaluation per round (0 = none; DP sites serve it only to non-private runs)",
+        minimum=0,
+    ),
     "local-steps": Key(10, "DP-SGD steps per site per round", minimum=1),
     "learning-rate": Key(0.02, "Adam learning rate", minimum=0),
     "targets-per-user": Key(8, "next items per user per example", minimum=1),
@@ -81,7 +84,9 @@ KEYS: dict[str, Key] = {
     "max-failed-rounds": Key(3, "skipped rounds in a row after which the run fails", minimum=1),
     "round-timeout": Key(3600.0, "seconds to wait for the sites' replies to one message", minimum=1),
     "wait-for-sites": Key(300.0, "seconds to wait for enough sites to connect, then fail naming the missing", minimum=0),
-    "max-update-norm": Key(0.0, "L2 bound on a site's update; larger ones are rejected (0 = derived from the Adam schedule)", minimum=0),
+    "max-update-norm": Key(
+        0.0, "L2 bound on a site's update; larger ones are rejected (0 = derived from the Adam schedule)", minimum=0
+    ),
     # -- privacy
     "epsilon": Key(8.0, "per-site ε budget over the run; inf = no DP", minimum=0),
     "delta": Key(0.0, "δ; 0 = 1/(10 × site users)", minimum=0),
@@ -93,7 +98,11 @@ KEYS: dict[str, Key] = {
     # (940 users per site) 0.5 and 0.1 tie (docs/RESULTS.md, "levers").
     "popularity-prior": Key(0.5, "share of each site's ε spent on DP item counts as the score base (0 = off)", minimum=0),
     "prior-cap": Key(20, "most recent items a user contributes to the counts (L2 sensitivity √cap)", minimum=1),
-    "audit-control": Key(False, "privacy audit's control: DP-SGD and prior counts without noise (clipping, sampling kept), no ε charged; a deployed site accepts it only if its own policy allows non-private runs"),
+    "audit-control": Key(
+        False,
+        "privacy audit's control: DP-SGD and prior counts without noise (clipping, sampling kept), no ε charged; "
+        "a deployed site accepts it only if its own policy allows non-private runs",
+    ),
     # -- public warm start (server side, before the private rounds)
     "warm-start": Key("", "public dataset to pre-train on without DP ('' = none), e.g. movietweetings"),
     "warm-start-steps": Key(200, "non-private steps of the warm start", minimum=1),
@@ -103,7 +112,9 @@ KEYS: dict[str, Key] = {
     "out-dir": Key("", "where the server writes results (default: runs/latest)"),
     "ledger-dir": Key("", "site privacy ledgers in simulation (default: OUT/ledgers)"),
     # -- central DP (server/central_dp.py)
-    "central-dp": Key("none", "central site-level DP-FedAvg: none | server-fixed | client-fixed", ("none", "server-fixed", "client-fixed")),
+    "central-dp": Key(
+        "none", "central site-level DP-FedAvg: none | server-fixed | client-fixed", ("none", "server-fixed", "client-fixed")
+    ),
     "central-dp-noise": Key(1.0, "central DP noise multiplier (std = noise x clip / sampled sites)", minimum=0),
     "central-dp-clip": Key(1.0, "central DP L2 clipping norm of a site's update", minimum=1e-12),
     "central-dp-delta": Key(1e-5, "central DP delta at which its epsilon is reported", minimum=1e-12),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -47,6 +46,7 @@ class LoraSettings:
 def resolve_model_path(name: str) -> str:
     """Map ``"default"`` to the bundled MiniLM directory; anything else is passed through.
 
+    >>> from pathlib import Path
     >>> Path(resolve_model_path("default")).name
     'model'
     """

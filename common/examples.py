@@ -31,7 +31,7 @@ def _rows(catalogue: Catalogue, histories, targets, tokenizer, max_tokens: int, 
     tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="pt")
     hist = torch.full((len(histories), max_history), -1, dtype=torch.long)  # (U, M), most recent first
     tgt = torch.full((len(histories), num_targets), -1, dtype=torch.long)  # (U, P)
-    for i, (h, t) in enumerate(zip(histories, targets)):
+    for i, (h, t) in enumerate(zip(histories, targets, strict=True)):
         recent = np.array(h[::-1][:max_history], dtype=np.int64, order="C", copy=True)
         hist[i, : len(recent)] = torch.from_numpy(recent)
         tgt[i, : len(t)] = torch.from_numpy(np.array(t, dtype=np.int64))  # a copy: split arrays are read-only
@@ -57,7 +57,9 @@ def training_rows(
     return _rows(catalogue, histories, targets, tokenizer, max_tokens, max_history, targets_per_user)
 
 
-def evaluation_rows(catalogue: Catalogue, split: Split, users, tokenizer, max_tokens: int, max_history: int, which: str) -> EvalRows:
+def evaluation_rows(
+    catalogue: Catalogue, split: Split, users, tokenizer, max_tokens: int, max_history: int, which: str
+) -> EvalRows:
     """Rows for ``which`` in {"valid", "test"}: the history is everything before the held-out item."""
     if which == "valid":
         histories = [split.train[u] for u in users]

@@ -178,10 +178,8 @@ class PrivacyLedger:
     def epsilon_by_kind(self) -> dict[str, float]:
         """ε of each kind of release on its own (they compose to :meth:`epsilon`, not by sum)."""
         kinds = dict.fromkeys(r["kind"] for r in self.releases)
-        return {
-            k: epsilon_spent(_merge([h for r in self.releases if r["kind"] == k for h in r["history"]]), self.delta, self.accountant)
-            for k in kinds
-        }
+        of_kind = {k: _merge([h for r in self.releases if r["kind"] == k for h in r["history"]]) for k in kinds}
+        return {k: epsilon_spent(history, self.delta, self.accountant) for k, history in of_kind.items()}
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -235,7 +233,8 @@ class PrivacyLedger:
         """
         if not (new_budget > self.budget and math.isfinite(new_budget)):
             raise PrivacyError(f"the new budget must be finite and above the current one ({self.budget:g}), got {new_budget:g}")
-        self.events.append({"kind": "budget", "from": self.budget, "to": float(new_budget), "reason": reason, "by": _who(), "time": _now()})
+        event = {"kind": "budget", "from": self.budget, "to": float(new_budget), "reason": reason, "by": _who(), "time": _now()}
+        self.events.append(event)
         self.budget = float(new_budget)
         self.save()
 
@@ -262,7 +261,8 @@ class PrivacyLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(self.state(), indent=1))
         if self.marker is not None:
-            mark = {"site": self.site, "ledger": str(self.path.resolve()), "releases": len(self.releases), "epsilon": self.epsilon()}
+            mark = {"site": self.site, "ledger": str(self.path.resolve()), "releases": len(self.releases),
+                    "epsilon": self.epsilon()}
             self.marker.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.marker, json.dumps(mark, indent=1))
 

@@ -18,8 +18,8 @@ from .config import Settings
 from .data import DataSpec, Interactions, Split, leave_one_out, load
 from .encoder import resolve_model_path
 from .examples import EvalRows, evaluation_rows, training_rows
-from .model import Recommender
 from .ledger import PrivacyLedger
+from .model import Recommender
 from .privacy import BudgetExhausted, PrivacySettings, TooFewUsers
 from .site_cache import SiteCache, model_files
 from .training import evaluate, resolve_device, train_local, with_lower_states

@@ -77,4 +77,6 @@ class SiteCache:
 def model_files(path: str) -> list:
     """(name, size, mtime) of the encoder's files: a changed model is a different key."""
     folder = Path(path)
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else [path]
+    if not folder.is_dir():
+        return [path]
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())

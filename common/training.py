@@ -41,7 +41,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def as_batch(tensors, device) -> dict[str, torch.Tensor]:
-    return {k: t.to(device) for k, t in zip(KEYS, tensors)}
+    return {k: t.to(device) for k, t in zip(KEYS, tensors, strict=True)}
 
 
 def with_lower_states(model, rows: TensorDataset) -> TensorDataset:

@@ -80,7 +80,8 @@ def bare_loop(settings: Settings) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as folder:
 
         def ledger(site: Site) -> PrivacyLedger:
-            return PrivacyLedger.open(Path(folder) / f"{site.name}.json", site.name, p.epsilon, p.delta_for(len(site.users)), p.accountant)
+            path = Path(folder) / f"{site.name}.json"
+            return PrivacyLedger.open(path, site.name, p.epsilon, p.delta_for(len(site.users)), p.accountant)
 
         if settings["popularity-prior"] > 0:  # the count query the ServerApp sends first
             prior = log_prior(sum(site.release_counts(ledger(site), p) for site in sites))
@@ -232,7 +233,8 @@ def bench(config: dict, out: str | Path, site_counts=(100, 1000), step_batches=(
         "simulate_ndcg@10": summary["final"]["ndcg@10"],
         "bare_loop_ndcg@10": bare_metrics["test/ndcg@10"],
     }
-    progress(f"simulate: {sim_seconds:.1f} s (x{result['framework_overhead_ratio']:.2f} the bare loop), peak RSS {result['peak_rss_mb']:.0f} MB")
+    progress(f"simulate: {sim_seconds:.1f} s (x{result['framework_overhead_ratio']:.2f} the bare loop), "
+             f"peak RSS {result['peak_rss_mb']:.0f} MB")
 
     with tempfile.TemporaryDirectory() as tmp:
         result["scale"] = scale(config, out, tuple(site_counts), tiny_encoder(Path(tmp) / "tiny"))

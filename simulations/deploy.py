@@ -66,7 +66,7 @@ def make_certs(out: str | Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"
     if any(p.exists() for p in paths.values()):
         raise DeployError(f"{out} holds some certificate files but not all; remove the folder and run again")
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedenc"), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -190,7 +190,6 @@ def split_builtin(out: str | Path, sites: int = 3, seed: int = 0, users_per_site
     built-in dataset's (checked here). ``users_per_site`` > 0 keeps only that many users
     per group (quick tests).
     """
-    import pandas as pd
 
     from common import sources
     from common.data import DataSpec, load
@@ -268,7 +267,8 @@ def check_site_data(data_path: str | Path, items_path: str | Path | None = None,
     if not data_path.is_file():
         raise DeployError(f"site data {data_path} does not exist (node config data-path)")
     try:
-        data = load(DataSpec(dataset="csv", data_path=str(data_path.resolve()), items_path=str(items_path) if items_path else None, k_core=k_core))
+        items = str(items_path) if items_path else None
+        data = load(DataSpec(dataset="csv", data_path=str(data_path.resolve()), items_path=items, k_core=k_core))
     except DataError as err:
         raise DeployError(str(err)) from None
     return f"{len(data.user_ids)} users, {len(data.catalogue)} catalogue items"
@@ -424,7 +424,9 @@ HomeOpt = Annotated[Path, typer.Option("--home", help="Flower's home folder (FLW
 @app.command("certs")
 def certs_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for ca.crt, ca.key, server.pem, server.key.")],
-    host: Annotated[list[str] | None, typer.Option("--host", help="Name or IP the sites use to reach the SuperLink (repeatable).")] = None,
+    host: Annotated[
+        list[str] | None, typer.Option("--host", help="Name or IP the sites use to reach the SuperLink (repeatable).")
+    ] = None,
     days: Annotated[int, typer.Option(min=1, help="Validity in days.")] = 365,
 ) -> None:
     """Create a CA and a SuperLink TLS certificate. Give ca.crt (only) to every site."""
@@ -519,10 +521,15 @@ def supernode_cmd(
     key: Annotated[Path, typer.Option(help="This site's private key (SITE.key).")],
     data_path: Annotated[Path, typer.Option(help="This site's interactions CSV.")],
     site_id: Annotated[int, typer.Option(help="This site's number (as the server reports it).")],
-    ledger_path: Annotated[Path | None, typer.Option(help="This site's privacy ledger (JSON; kept across runs). Required.")] = None,
+    ledger_path: Annotated[
+        Path | None, typer.Option(help="This site's privacy ledger (JSON; kept across runs). Required.")
+    ] = None,
     epsilon_budget: Annotated[float | None, typer.Option(help="The most ε this site's ledger may ever hold. Required.")] = None,
     items_path: Annotated[Path | None, typer.Option(help="Items CSV (default: items.csv beside data-path).")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="The site's state outside the ledger: its marker and kept replies (default ~/.local/state/fedenc).")] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="The site's state beside its ledger: marker, kept replies, row cache (default ~/.local/state/fedenc)."),
+    ] = None,
     delta: Annotated[float | None, typer.Option(help="A cap on δ (default 1/(10 n) rounded down to a power of ten).")] = None,
     allow_non_private: Annotated[bool, typer.Option(help="Serve runs that ask for no DP (exact releases).")] = False,
     port: Annotated[int, typer.Option(help="Local port of this SuperNode (one per SuperNode on a machine).")] = 9094,

@@ -59,7 +59,7 @@ def measure_step(
     if private:
         module, optimizer, loader, engine = make_private(model, optimizer, loader, noise_multiplier, privacy, train,
                                                          poisson=False)
-    batches = [as_batch(t, "cpu") for t, _ in zip(cycle(loader), range(warmup + steps))]
+    batches = [as_batch(t, "cpu") for t, _ in zip(cycle(loader), range(warmup + steps), strict=False)]  # cycle: endless
     times, cpu_times = [], []
     try:
         for batch in batches:

@@ -94,7 +94,8 @@ def run_cell(cell: Cell, config: dict, out: Path, log: Callable[[str], None]) ->
 
         resume = usable_checkpoint(out) is not None  # else a cell cut short before round 1 starts again
         return simulate(cfg, out, resume=resume, overwrite=not resume and holds_run(out),
-                        on_progress=lambda p: log(f"  {cell.name} round {p['round']} NDCG@10 {p['ndcg@10']:.4f} ε {p['epsilon']:.2f}"))
+                        on_progress=lambda p: log(
+                            f"  {cell.name} round {p['round']} NDCG@10 {p['ndcg@10']:.4f} ε {p['epsilon']:.2f}"))
     from simulations.baselines import run_baseline
 
     return run_baseline(cell.method, cfg, out)
@@ -166,7 +167,7 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     for method, (label, style, color) in curves.items():
         pts = sorted((x(r["epsilon"]), r["ndcg@10"], r["ndcg@10_std"]) for r in rows if r["method"] == method)
         if pts:
-            xs, ys, es = zip(*pts)
+            xs, ys, es = zip(*pts, strict=True)
             ax.errorbar(xs, ys, yerr=es, fmt=style, color=color, capsize=3, label=label)
     lines = {"centralized": ("centralised, non-private", "C2", "-"), "popularity": ("most popular", "C3", ":"),
              "zeroshot": ("zero-shot encoder", "C4", "-.")}

@@ -100,7 +100,8 @@ def test_iso_timestamps_sort_by_time(tmp_path, toy_dir):
     (tmp_path / "items.csv").write_text((toy_dir / "items.csv").read_text())
     rows = ["user_id,item_id,timestamp"] + [
         f"u,i{i},{t}"
-        for i, t in [(1, "2020-01-03"), (2, "2020-01-01T10:00:00Z"), (3, "2020-01-02 08:00"), (4, "2019-12-31"), (5, "2020-01-01T10:00:00Z")]
+        for i, t in [(1, "2020-01-03"), (2, "2020-01-01T10:00:00Z"), (3, "2020-01-02 08:00"), (4, "2019-12-31"),
+                     (5, "2020-01-01T10:00:00Z")]
     ]
     (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
     data = load(DataSpec(dataset="csv", data_path=str(tmp_path / "x.csv")))

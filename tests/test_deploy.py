@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import ssl
 import subprocess
 import sys
@@ -161,9 +160,7 @@ def _reply(node: int, arrays: dict, users: int):
 def test_server_side_clipping_bounds_each_site_and_averages_unweighted():
     from common.transport import from_array_record, to_array_record
     from server import central_dp
-    from server.strategy import BudgetAwareFedAvg
-
-    from server.strategy import SiteRoster
+    from server.strategy import BudgetAwareFedAvg, SiteRoster
 
     s = _settings(**{"central-dp": "server-fixed", "central-dp-noise": 0.0, "central-dp-clip": 1.0})
     wrapped = central_dp.wrap(BudgetAwareFedAvg(fraction_train=1.0, min_available_nodes=3, roster=SiteRoster(3, 1, 0.0)), s)
@@ -331,7 +328,8 @@ def test_three_sites_over_tls_with_node_auth(federation):
         eps, steps = _ledger_epsilon(ledger)
         assert steps == 4 and 0 < eps <= 8.0 and _releases(ledger) == 1  # the prior's counts, once
         assert summary["sites"][str(i)]["epsilon"] == pytest.approx(eps)
-    (federation.root / "timings.json").write_text(json.dumps({"run1_wall_s": wall, "bytes_up": [line["bytes_up"] for line in lines]}))
+    timings = {"run1_wall_s": wall, "bytes_up": [line["bytes_up"] for line in lines]}
+    (federation.root / "timings.json").write_text(json.dumps(timings))
     print(f"\n3-site TLS run, 2 rounds: {wall:.1f}s wall, {lines[-1]['bytes_up']} bytes up per round")
 
 
@@ -345,7 +343,7 @@ def test_second_run_continues_from_the_spent_budget_with_central_dp(federation):
     assert capped["epsilon"] <= 8.0 + 1e-9
     assert all(_ledger_epsilon(p)[0] <= 8.0 + 1e-9 for p in federation.ledgers.values())
     # Each site raises its own budget (logged in its ledger); ε then grows from what was spent, not from 0.
-    for i, path in federation.ledgers.items():
+    for path in federation.ledgers.values():
         done = subprocess.run([*FEDENC, "ledger", "raise-budget", str(path), "--to", "16", "--reason", "second study"],
                               capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
         assert done.returncode == 0, done.stderr
@@ -353,7 +351,8 @@ def test_second_run_continues_from_the_spent_budget_with_central_dp(federation):
                                           timeout=120, cwd=Path(__file__).parents[1]).stdout)
         assert shown["budget"] == 16.0 and shown["events"][-1]["reason"] == "second study"
     before = {i: _ledger_epsilon(p) for i, p in federation.ledgers.items()}
-    summary, wall = _run(federation, "run2", epsilon=16.0, **{"central-dp": "server-fixed", "central-dp-noise": 1.0, "central-dp-clip": 1.0})
+    central = {"central-dp": "server-fixed", "central-dp-noise": 1.0, "central-dp-clip": 1.0}
+    summary, wall = _run(federation, "run2", epsilon=16.0, **central)
     lines = _lines(federation.root / "run2" / "metrics.jsonl")
     first = lines[1]
     assert first["epsilon"] > max(eps for eps, _ in before.values())
@@ -398,9 +397,11 @@ def test_plain_http_is_refused(federation):
     assert "could not establish a connection" in (federation.root / "insecure.out").read_text()
     home = federation.root / "insecure-home"
     home.mkdir(exist_ok=True)
-    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "plain", "plain": {"address": federation.address, "insecure": True}}}))
+    plain = {"superlink": {"default": "plain", "plain": {"address": federation.address, "insecure": True}}}
+    (home / "config.toml").write_text(tomli_w.dumps(plain))
     env = deploy.deploy_env(home)
-    ls = subprocess.run(["flwr", "supernode", "ls", "plain", "--format", "json"], env=env, capture_output=True, text=True, timeout=60)
+    ls = subprocess.run(["flwr", "supernode", "ls", "plain", "--format", "json"], env=env, capture_output=True, text=True,
+                        timeout=60)
     assert '"success": true' not in ls.stdout
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from common.data import leave_one_out
-from common.prior import count_noise, item_counts, log_prior, noisy_item_counts, release_counts
 from common.ledger import PrivacyLedger
+from common.prior import count_noise, item_counts, log_prior, noisy_item_counts, release_counts
 from common.privacy import BudgetExhausted, calibrate_noise, epsilon_spent
 
 

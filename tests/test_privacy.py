@@ -11,15 +11,14 @@ import json
 import math
 
 import pytest
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
+from hypothesis import example, given, settings, strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 import common.privacy
 from common.adapter import trainable_state
 from common.examples import training_rows
-from common.model import ModelSettings, Recommender
 from common.ledger import LedgerRefused, PrivacyLedger
+from common.model import ModelSettings, Recommender
 from common.privacy import (
     BudgetExhausted,
     PrivacyError,

@@ -9,7 +9,6 @@ on two cores.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess

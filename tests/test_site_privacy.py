@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from client.node import NodeConfig, NodeConfigError
 from common.ledger import PrivacyLedger
@@ -302,7 +301,8 @@ def test_ledger_show_and_raise_budget(tmp_path):
     lower = _fedenc("raise-budget", path, "--to", 4, "--reason", "oops")
     assert lower.returncode == 2 and lower.stderr.startswith("error:") and "above the current one" in lower.stderr
     missing = _fedenc("show", tmp_path / "nowhere.json")
-    assert missing.returncode == 2 and missing.stderr.strip() == f"error: privacy ledger {tmp_path / 'nowhere.json'} does not exist"
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: privacy ledger {tmp_path / 'nowhere.json'} does not exist"
 
 
 # --- the site's row cache (deployment: one process per message) -------------------------------------
