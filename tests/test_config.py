@@ -146,3 +146,26 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [key for key in KEYS if f"| `{key}` |" not in readme]
     assert not missing, f"README settings table lacks {missing}"
+
+
+def test_typed_settings_defaults_equal_the_declared_defaults():
+    """The dataclasses that code deeper down receives carry defaults of their own (used by
+    benchmarks and tests that build them directly): they must be the declared ones."""
+    import dataclasses
+
+    from common.data import DataSpec
+    from common.encoder import LoraSettings
+    from common.model import ModelSettings
+    from common.privacy import PrivacySettings
+    from common.training import TrainSettings
+
+    built = Settings.from_config({})
+    pairs = [(ModelSettings(), built.model), (LoraSettings(), built.model.lora), (TrainSettings(), built.train),
+             (PrivacySettings(), built.privacy), (DataSpec(), built.data)]
+    drift = [
+        f"{type(own).__name__}.{f.name}: {getattr(own, f.name)!r} != {getattr(declared, f.name)!r}"
+        for own, declared in pairs
+        for f in dataclasses.fields(own)
+        if not dataclasses.is_dataclass(getattr(own, f.name)) and getattr(own, f.name) != getattr(declared, f.name)
+    ]
+    assert not drift, drift
