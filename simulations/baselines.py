@@ -1,5 +1,6 @@
 """Baselines on the federated run's split and evaluation: ``popularity``, ``zeroshot``,
-``centralized`` and ``local`` (docs/DESIGN.md, "Evaluation protocol").
+``centralized`` and ``local`` (docs/DESIGN.md, "Evaluation protocol"), and the library
+models of simulations/library_baselines.py (``bpr``, ``als``, ``sasrec``).
 
 Each function only assembles library code: the data, split, model and full-ranking
 central evaluation are :class:`common.central.CentralEvaluator`'s, training is
@@ -34,8 +35,9 @@ from common.ledger import PrivacyLedger
 from common.privacy import PrivacyError
 from common.site import Site, site_users
 from common.training import rank_of_targets, train_local, with_lower_states
+from simulations.library_baselines import LIBRARY_BASELINES, require, run_library_baseline
 
-BASELINES = ("popularity", "zeroshot", "centralized", "local")
+BASELINES = ("popularity", "zeroshot", "centralized", "local", *LIBRARY_BASELINES)
 _EVALUATORS: dict[str, CentralEvaluator] = {}
 _PRISTINE: dict[int, dict] = {}
 
@@ -222,8 +224,12 @@ def run_baseline(name: str, config: dict, out: str | Path) -> dict:
     """Run baseline ``name`` with run-config ``config`` into ``out``; return its summary."""
     if name not in BASELINES:
         raise ConfigError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    if name in LIBRARY_BASELINES:
+        require(name)  # a missing optional extra is the first thing to say
     settings = Settings.from_config(config)
     from simulations.simulate import check_inputs
 
     check_inputs(settings)
+    if name in LIBRARY_BASELINES:
+        return run_library_baseline(name, settings, out)
     return {"popularity": popularity, "zeroshot": zeroshot, "centralized": centralized, "local": local}[name](settings, out)

@@ -176,7 +176,7 @@ def simulate(
 
 @app.command()
 def baseline(
-    name: Annotated[str, typer.Argument(help="popularity | zeroshot | centralized | local")],
+    name: Annotated[str, typer.Argument(help="popularity | zeroshot | centralized | local | bpr | als | sasrec")],
     out: OutOpt,
     config: ConfigOpt = None,
     set_: SetOpt = None,
