@@ -168,7 +168,8 @@ def sasrec(settings: Settings, out: str | Path) -> dict:
     rng = get_rng(settings["seed"])
     data = _sequences(evaluator.split, n)
     model = SASRecModel(item_num=n, embedding_dim=hp["embedding_dim"], maxlen=hp["max_len"], n_layers=hp["num_blocks"],
-                        n_heads=hp["num_heads"], use_pos_emb=True, use_biases=False, dropout=hp["dropout"], pad_idx=n)
+                        n_heads=hp["num_heads"], use_pos_emb=True, use_biases=False, dropout=hp["dropout"], pad_idx=n,
+                        device=evaluator.device)  # the run's `device` setting: auto picks a GPU when there is one
     loss_fn = get_loss_function(hp["loss"])
     opt = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"], betas=(0.9, 0.98))  # Cornac's fit uses these
 
@@ -178,7 +179,7 @@ def sasrec(settings: Settings, out: str | Path) -> dict:
             recent = h[-hp["max_len"]:]
             seqs[i, hp["max_len"] - len(recent):] = recent
         model.eval()
-        out = np.concatenate([model.predict(None, torch.as_tensor(seqs[i : i + 256])).reshape(-1, n)
+        out = np.concatenate([model.predict(None, torch.as_tensor(seqs[i : i + 256], device=evaluator.device)).reshape(-1, n)
                               for i in range(0, len(seqs), 256)])
         model.train()
         return out
@@ -187,8 +188,9 @@ def sasrec(settings: Settings, out: str | Path) -> dict:
         total, count = 0.0, 0
         for _uids, hist, out_iids in session_seq_iter(data, pad_index=n, batch_size=hp["batch_size"], max_len=hp["max_len"],
                                                        n_sample=hp["n_sample"], rng=rng, shuffle=True):
-            out_t = torch.as_tensor(out_iids, dtype=torch.long)
-            loss = loss_fn(model(None, torch.as_tensor(hist, dtype=torch.long), out_t), out_iids=out_t,
+            out_t = torch.as_tensor(out_iids, dtype=torch.long, device=evaluator.device)
+            hist_t = torch.as_tensor(hist, dtype=torch.long, device=evaluator.device)
+            loss = loss_fn(model(None, hist_t, out_t), out_iids=out_t,
                            batch_size=len(hist), n_sample=hp["n_sample"], bpreg=1.0, elu_param=0.5)
             opt.zero_grad()
             loss.backward()
