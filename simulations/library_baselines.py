@@ -129,7 +129,8 @@ def implicit_mf(name: str, settings: Settings, out: str | Path) -> dict:
 
     def after_epoch(epoch, _seconds, *progress):
         if (epoch + 1) % hp["every"] == 0:
-            loss = progress[0] if name == "als" else 1.0 - progress[0] / max(progress[0] + progress[1], 1)
+            # ALS reports its loss; BPR (correct, skipped) samples, so 1 - its training AUC stands in
+            loss = progress[0] if name == "als" else 1.0 - progress[0] / max(matrix.nnz - progress[1], 1)
             recorder.round_done(epoch + 1, library_metrics(evaluator, score), {"train_loss": float(loss)}, None, {})
 
     model.fit(matrix, show_progress=False, callback=after_epoch)
