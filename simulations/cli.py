@@ -7,7 +7,8 @@ Example::
 
 from __future__ import annotations
 
-from enum import Enum
+import math
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -33,7 +34,7 @@ from client.ledger_cli import app as ledger_app  # noqa: E402  (no torch: the le
 app.add_typer(ledger_app, name="ledger")
 
 
-class PartitionKind(str, Enum):
+class PartitionKind(StrEnum):
     iid = "iid"
     dirichlet = "dirichlet"
     natural = "natural"
@@ -54,7 +55,9 @@ def stopped(signal_name: str, exit_code: int) -> NoReturn:
 
 @data_app.command("describe")
 def describe(
-    dataset: Annotated[str, typer.Option(help="movietweetings, a MovieLens directory or an interactions .csv")] = "movietweetings",
+    dataset: Annotated[
+        str, typer.Option(help="movietweetings, a MovieLens directory or an interactions .csv")
+    ] = "movietweetings",
     items: Annotated[str | None, typer.Option(help="Items CSV (default: items.csv beside the interactions CSV).")] = None,
     sites: Annotated[int, typer.Option(min=1, help="Number of sites to partition users into.")] = 1,
     partition: Annotated[PartitionKind, typer.Option(help="How users are assigned to sites.")] = PartitionKind.iid,
@@ -128,9 +131,10 @@ def run_config(config: Path | None, overrides: list[str]) -> dict:
 
 
 def show_round(progress: dict) -> None:
-    loss = progress.get("train_loss")  # None under DP: a site's training loss does not leave it
+    loss = progress.get("train_loss")  # None or NaN under DP: a site's training loss does not leave it
+    shown = f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "–"
     console.print(
-        f"round {progress['round']:>3}  sites {progress['sites']:>3}  loss {'–' if loss is None else f'{loss:.4f}'}  "
+        f"round {progress['round']:>3}  sites {progress['sites']:>3}  loss {shown}  "
         f"ε {progress['epsilon']:.3f}  NDCG@10 {progress['ndcg@10']:.4f}  HR@10 {progress['hr@10']:.4f}  "
         f"{progress['seconds']:.0f}s"
     )
@@ -202,7 +206,9 @@ def sweep(
     out: OutOpt,
     epsilons: Annotated[str, typer.Option(help="Comma-separated ε values; inf = no DP.")] = "1,2,4,8,inf",
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per cell (the `seed` setting is offset by 0..N-1).")] = 1,
-    baselines: Annotated[str, typer.Option(help="Comma-separated baselines to run beside the federated cells ('' for none).")] = "popularity,zeroshot,centralized,local",
+    baselines: Annotated[
+        str, typer.Option(help="Comma-separated baselines to run beside the federated cells ('' for none).")
+    ] = "popularity,zeroshot,centralized,local",
     config: ConfigOpt = None,
     set_: SetOpt = None,
     report_only: Annotated[bool, typer.Option(help="Run nothing: table and plot from the cells finished so far.")] = False,
@@ -269,8 +275,9 @@ def audit(
         raise typer.Exit(1)
     if result["verdict"] == "no power":
         console.print(f"[bold]the attack has no power here:[/bold] the control without noise shows only ε ≥ "
-                      f"{result['control_epsilon_lower_bound']:.3f} (it must reach {MIN_CONTROL_EPSILON:g} and beat the DP run), so the DP "
-                      "run's bound says nothing about the claim; more canaries or white-box gradient canaries would help")
+                      f"{result['control_epsilon_lower_bound']:.3f} (it must reach {MIN_CONTROL_EPSILON:g} and beat the DP run), "
+                      "so the DP run's bound says nothing about the claim; more canaries or white-box gradient canaries "
+                      "would help")
     else:
         console.print(f"consistent: the DP run's lower bound ({result['epsilon_lower_bound']:.3f}) stays below the claimed "
                       f"ε ({result['epsilon_claimed']:.3f}) while the control shows the attack can see a leak "
