@@ -58,10 +58,12 @@ def _open(context: Context) -> tuple[Site, NodeConfig, SitePolicy]:
 def _grant(site: Site, policy: SitePolicy, config) -> PrivacySettings:
     """What this request gets here: the site's policy tightens the run's request."""
     catalogue = config.get("catalogue") if config is not None else None
-    if catalogue is not None and catalogue != site.data.catalogue.fingerprint():
+    if catalogue is not None and catalogue != site.data.catalogue.fingerprint():  # checked before anything else
+        mine = site.data.catalogue.fingerprint()
         raise Refusal(
-            f"{site.name}: its catalogue ({len(site.data.catalogue)} items) differs from the server's "
-            "(item ids, order or texts); refusing before any training or release"
+            f"{site.name}: its catalogue ({len(site.data.catalogue)} items, fingerprint {mine[:12]}) differs from the "
+            f"server's (fingerprint {str(catalogue)[:12]}): the item ids, their order or their texts differ "
+            "(items.csv, text-columns, item-template); refusing before any training or release"
         )
     try:
         return policy.grant(site.settings.privacy, len(site.users))

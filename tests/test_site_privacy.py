@@ -347,3 +347,23 @@ def test_the_site_cache_stays_within_its_bound(tmp_path):
     files = sorted(tmp_path.glob("*.pt"), key=lambda p: p.stat().st_mtime)
     assert sum(p.stat().st_size for p in files) <= 3 * 4_000 and len(files) >= 1
     assert cache.get_or_compute({"i": 4}, lambda: 1 / 0)["x"].shape == (1_000,)  # the newest is kept
+
+
+def test_a_site_with_a_reordered_items_csv_refuses_the_servers_catalogue(flower_task, site_files, run):
+    """The server sends the fingerprint of its catalogue; a site whose items.csv lists the same
+    items in another order would put every item bias and count on the wrong item."""
+    import pandas as pd
+
+    from common.data import DataSpec, load
+
+    items = Path(site_files["data-path"]).parent / "items.csv"
+    server = load(DataSpec(dataset="csv", data_path=site_files["data-path"], items_path=str(items))).catalogue.fingerprint()
+    reordered = items.with_name("items-reordered.csv")
+    pd.read_csv(items).iloc[::-1].to_csv(reordered, index=False)
+    node = site_files | {"items-path": str(reordered)}
+    reply = _train(node, run, _global_state(node, run), **{"catalogue": server, "run-token": "r", "run-round": 1})
+    reason = reply.content["report"]["reason"]
+    assert reply.content["metrics"]["refused"] == 1 and "catalogue (60 items" in reason and "order" in reason
+    assert not Path(site_files["ledger-path"]).exists()  # refused before any release
+    same = _train(site_files, run, _global_state(site_files, run), **{"catalogue": server, "run-token": "r", "run-round": 1})
+    assert same.content["metrics"]["refused"] == 0
