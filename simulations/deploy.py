@@ -375,8 +375,8 @@ def run_federation(
     from simulations.simulate import _last_error, stop_tree
 
     out = Path(out)
-    summary = out / "summary.json"
-    summary.unlink(missing_ok=True)  # its presence must mean *this* run completed
+    summary, failure = out / "summary.json", out / "failure.json"
+    started = time.time_ns()  # a summary or failure written after this is *this* run's; an older one is left as it is
     log_path = Path(log_path or out / "flower.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["flwr", "run", str(PROJECT), connection, "--run-config", str(_need_file(run_config, "run config")), "--stream"]
@@ -391,8 +391,12 @@ def run_federation(
         finally:
             if run.poll() is None:
                 stop_tree(run)
-    if not summary.exists():
-        raise DeployError(f"the run failed (flwr exit code {run.returncode}); see {log_path}: {_last_error(log_path)}")
+    def written(path: Path) -> bool:
+        return path.exists() and path.stat().st_mtime_ns >= started
+
+    if not written(summary):
+        why = json.loads(failure.read_text()).get("reason") if written(failure) else _last_error(log_path)
+        raise DeployError(f"the run failed (flwr exit code {run.returncode}); see {log_path}: {why}")
     return json.loads(summary.read_text())
 
 
