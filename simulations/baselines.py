@@ -30,8 +30,8 @@ from common.adapter import load_trainable_state
 from common.central import CHECKPOINT, CentralEvaluator, RunRecorder
 from common.config import ConfigError, Settings
 from common.examples import EvalRows, training_rows
-from common.prior import log_prior
 from common.ledger import PrivacyLedger
+from common.prior import log_prior
 from common.privacy import PrivacyError
 from common.site import Site, site_users
 from common.training import rank_of_targets, train_local, with_lower_states
