@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .encoder import SplitEncoder, encode_texts, is_decoder_only
+from .files import atomic_write
 
 
 def cache_dir() -> Path:
@@ -45,7 +46,10 @@ def item_bank(backbone: nn.Module, tokenizer, name: str, texts: list[str], max_t
     encoder = SplitEncoder(backbone, 0, last_token=is_decoder_only(backbone))
     bank = encode_texts(encoder, tokenizer, texts, max_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(bank, tmp)
-    tmp.replace(path)  # atomic: concurrent sites never read half a file
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(bank, f)
+
+    atomic_write(path, write)  # concurrent sites never read half a file
     return bank

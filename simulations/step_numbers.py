@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.adapter import state_bytes, trainable_state
 from common.data import DataSpec, leave_one_out, load
 from common.examples import training_rows
+from common.files import atomic_write_text
 from common.model import ModelSettings, Recommender
 from common.privacy import PrivacySettings
 from common.training import TrainSettings, as_batch, cycle, make_private, with_lower_states
@@ -188,9 +189,7 @@ def main(argv=None) -> int:
     numbers = run(sizes, args.steps, args.warmup, max(args.users, max(sizes) * (args.steps + args.warmup) // 4), args.threads)
     print(table(numbers))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(numbers, indent=1, default=str))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(numbers, indent=1, default=str))
     return 0
 
 

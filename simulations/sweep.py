@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ConfigError, Settings
+from common.files import atomic_write
 
 METRICS = ("hr@10", "ndcg@10", "mrr@10", "recall@10", "auc", "cold/ndcg@10", "cold/hr@10")
 COLUMNS = ("method", "epsilon", "delta", "noise_multiplier", "rounds", "seeds",
@@ -139,13 +140,14 @@ def table(cells: list[Cell], out: Path) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in COLUMNS})
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in COLUMNS})
+
+    atomic_write(path, write)
 
 
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
