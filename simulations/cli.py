@@ -7,6 +7,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from enum import StrEnum
 from pathlib import Path
@@ -51,6 +52,25 @@ def stopped(signal_name: str, exit_code: int) -> NoReturn:
     one line on stderr and the shell's exit code for that signal (143, 130)."""
     typer.echo(f"error: interrupted by {signal_name}; the Flower processes it started are stopped", err=True)
     raise typer.Exit(exit_code)
+
+
+@contextlib.contextmanager
+def run_errors():
+    """How a command that runs Flower ends on failure: a bad setting or input is one line and
+    exit 2, a failed run one line and exit 1, SIGTERM/SIGINT :func:`stopped`."""
+    from common.config import ConfigError
+    from simulations.interrupt import Interrupted
+    from simulations.simulate import SimulationFailed
+
+    try:
+        yield
+    except ConfigError as err:
+        fail(str(err))
+    except SimulationFailed as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    except Interrupted as stop:
+        stopped(str(stop), stop.exit_code)
 
 
 @data_app.command("describe")
@@ -154,19 +174,10 @@ def simulate(
     overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
 ) -> None:
     """Run a federated simulation in the foreground; results go to --out."""
-    from common.config import ConfigError
-    from simulations.interrupt import Interrupted
-    from simulations.simulate import SimulationFailed, simulate as run
+    from simulations.simulate import simulate as run
 
-    try:
+    with run_errors():
         summary = run(run_config(config, set_), out, resume=resume, overwrite=overwrite, on_progress=show_round)
-    except ConfigError as err:
-        fail(str(err))
-    except SimulationFailed as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
-    except Interrupted as stop:
-        stopped(str(stop), stop.exit_code)
     best = summary["best_validation"]
     console.print(
         f"done in {summary['wall_seconds']:.0f}s: final NDCG@10 {summary['final']['ndcg@10']:.4f}, "
@@ -214,22 +225,12 @@ def sweep(
     report_only: Annotated[bool, typer.Option(help="Run nothing: table and plot from the cells finished so far.")] = False,
 ) -> None:
     """Federated runs at each ε plus baselines: sweep.csv and privacy_utility.png in --out (resumable)."""
-    from common.config import ConfigError
-    from simulations.interrupt import Interrupted
-    from simulations.simulate import SimulationFailed
     from simulations.sweep import parse_epsilons, sweep as run
 
-    try:
+    with run_errors():
         eps = parse_epsilons(epsilons)
         names = [b.strip() for b in baselines.split(",") if b.strip()]
         run(run_config(config, set_), out, eps, seeds, names, log=console.print, report_only=report_only)
-    except ConfigError as err:
-        fail(str(err))
-    except SimulationFailed as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
-    except Interrupted as stop:
-        stopped(str(stop), stop.exit_code)
 
 
 @app.command()
@@ -241,25 +242,15 @@ def audit(
     overwrite: Annotated[bool, typer.Option(help="Replace the audit in --out.")] = False,
 ) -> None:
     """Empirical ε lower bound from canary users (one-run audit), beside the accountant's ε and a no-noise control."""
-    from common.config import ConfigError
     from simulations.audit import MIN_CONTROL_EPSILON, audit as run, format_bound
-    from simulations.interrupt import Interrupted
-    from simulations.simulate import SimulationFailed
 
     def progress(name: str, p: dict) -> None:
         console.print(f"{name:>7} ", end="")
         show_round(p)
 
-    try:
+    with run_errors():
         result = run(run_config(config, set_), out, count=canaries, overwrite=overwrite, on_progress=progress,
                      log=console.print)
-    except ConfigError as err:
-        fail(str(err))
-    except SimulationFailed as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
-    except Interrupted as stop:
-        stopped(str(stop), stop.exit_code)
     table = Table(title=f"privacy audit: {result['canaries']} canaries ({result['canaries_included']} in), "
                         f"{result['confidence']:.0%} confidence, δ = {result['delta']:.1e}")
     for column in ("run", "claimed ε", "ε lower bound", "correct / guesses", "AUROC", "TPR @ 1% FPR", "wall s"):
@@ -294,8 +285,6 @@ def bench(
     """Measure DP vs non-DP steps, bytes sent, framework overhead, memory and scale; writes bench.json."""
     from common.config import ConfigError, Settings
     from simulations.bench import bench as run
-    from simulations.interrupt import Interrupted
-    from simulations.simulate import SimulationFailed
 
     try:
         cfg = run_config(config, set_)
@@ -303,13 +292,8 @@ def bench(
         counts = tuple(int(n) for n in sites.split(",") if n.strip())
     except (ConfigError, ValueError) as err:
         fail(str(err))
-    try:
+    with run_errors():
         result = run(cfg, out, site_counts=counts, progress=console.print)
-    except SimulationFailed as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
-    except Interrupted as stop:
-        stopped(str(stop), stop.exit_code)
     console.print(
         f"dp_step_ratio {result['dp_step_ratio']:.2f}  bytes_ratio 1/{1 / result['bytes_ratio']:.0f} "
         f"(fp16 1/{1 / result['bytes_ratio_fp16']:.0f})  framework_overhead_ratio {result['framework_overhead_ratio']:.2f}  "
