@@ -6,7 +6,7 @@ model is built from the run's own settings the way the server builds it and ``ad
 restored into it (PEFT adapter, head, item bank and popularity prior:
 :func:`common.adapter.load_adapter`); histories become rows through
 :func:`common.examples.evaluation_rows`, scores come from ``Recommender.score_all``, and
-held-out ranks and metrics from :class:`common.central.CentralEvaluator` itself.
+held-out ranks and metrics from :class:`common.evaluation.CentralEvaluator` itself.
 
 Example::
 
@@ -32,10 +32,10 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from .adapter import HEAD_FILE, SETTINGS_FILE, load_adapter, trainable_state
-from .central import CentralEvaluator
 from .config import KEYS, ConfigError, Settings
 from .data import DataError, Interactions, Split
 from .encoder import ModelError
+from .evaluation import CentralEvaluator
 from .examples import evaluation_rows
 from .model import Recommender
 from .site import dataset

@@ -14,12 +14,14 @@ from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.central import CentralEvaluator, RunRecorder, set_server_threads, warm_start
 from common.config import Settings
+from common.evaluation import CentralEvaluator, set_server_threads
 from common.prior import log_prior
 from common.transport import from_array_record, to_array_record
 from server import central_dp
+from server.recorder import RunRecorder
 from server.strategy import BudgetAwareFedAvg, RunFailed, ScreenedRounds, SiteRoster, collect_counts, derived_update_bound
+from server.warm_start import warm_start
 
 app = ServerApp()
 

@@ -3,9 +3,9 @@
 models of simulations/library_baselines.py (``bpr``, ``als``, ``sasrec``).
 
 Each function only assembles library code: the data, split, model and full-ranking
-central evaluation are :class:`common.central.CentralEvaluator`'s, training is
+central evaluation are :class:`common.evaluation.CentralEvaluator`'s, training is
 :func:`common.training.train_local`, and the files (``metrics.jsonl``,
-``summary.json``, ``adapter/``) are written by :class:`common.central.RunRecorder`,
+``summary.json``, ``adapter/``) are written by :class:`server.recorder.RunRecorder`,
 exactly as the ServerApp writes them.
 
 Example::
@@ -27,14 +27,15 @@ import torch
 from torch.utils.data import TensorDataset
 
 from common.adapter import load_trainable_state
-from common.central import CHECKPOINT, CentralEvaluator, RunRecorder
 from common.config import ConfigError, Settings
+from common.evaluation import CentralEvaluator
 from common.examples import EvalRows, training_rows
 from common.ledger import PrivacyLedger
 from common.prior import log_prior
 from common.privacy import PrivacyError
 from common.site import Site, site_users
 from common.training import rank_of_targets, train_local, with_lower_states
+from server.recorder import CHECKPOINT, RunRecorder
 from simulations.library_baselines import LIBRARY_BASELINES, require, run_library_baseline
 
 BASELINES = ("popularity", "zeroshot", "centralized", "local", *LIBRARY_BASELINES)

@@ -28,8 +28,8 @@ import psutil
 import torch
 
 from common.adapter import load_trainable_state
-from common.central import CentralEvaluator
 from common.config import Settings
+from common.evaluation import CentralEvaluator
 from common.examples import training_rows
 from common.ledger import PrivacyLedger
 from common.model import Recommender

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.central import CentralEvaluator, RunRecorder
 from common.config import ConfigError, Settings
+from common.evaluation import CentralEvaluator
 from common.training import rank_of_targets
+from server.recorder import RunRecorder
 
 EXTRA = "baselines"
 # name -> (module it needs, hyper-parameters). Library defaults except where a value is set

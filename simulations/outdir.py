@@ -17,8 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common.central import usable_checkpoint
 from common.config import ConfigError
+from server.recorder import usable_checkpoint
 
 # Every file and folder a simulation run leaves in its output folder.
 RUN_FILES = ("metrics.jsonl", "summary.json", "adapter", "checkpoint", "ledgers", "flower.log", "run_config.toml",

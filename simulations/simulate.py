@@ -10,25 +10,21 @@ its summary — the last thing a successful run does.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import tomli_w
 
-from common.central import FAILURE
 from common.config import ConfigError, Settings
-from simulations.interrupt import interrupt_on_signals, uninterrupted
+from deploy.processes import flower_env, free_port, interrupt_on_signals, last_error, stop_tree, uninterrupted, wait_healthy
+from server.recorder import FAILURE
 from simulations.outdir import RUN_FILES, Replaced, check_out_path, check_reuse, settle
 
 PROJECT = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml lives here
@@ -63,60 +59,6 @@ def check_inputs(settings: Settings) -> None:
     path = resolve_model_path(settings["model"])
     if not Path(path).exists():
         raise ConfigError(f"model: {settings['model']!r} is not a folder on this machine (nothing is downloaded)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SimulationFailed(f"flower-superlink exited with code {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise SimulationFailed(f"flower-superlink did not become healthy within {timeout:.0f}s; see {log}")
-
-
-def stop_tree(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """Stop a process we started and everything under it.
-
-    Flower's SuperExec and simulation runtime start their own sessions, so a process
-    group is not enough: the tree is collected while its root is still alive.
-    """
-    try:
-        root = psutil.Process(proc.pid)
-        tree = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=grace)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    proc.wait()
-
-
-def flower_env(home: Path, ray_tmp: str) -> dict:
-    env = os.environ.copy()
-    env.update(
-        FLWR_HOME=str(home),
-        RAY_TMPDIR=ray_tmp,
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",  # a fresh env here would pull CUDA torch
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 @interrupt_on_signals()  # SIGTERM, like Ctrl-C, ends in the finally below that stops Flower's processes
@@ -157,7 +99,7 @@ def simulate(
 
     home = out / ".flwr"
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     gpus = 1 if settings["device"] != "cpu" and _cuda() else 0
     (home / "config.toml").write_text(
         tomli_w.dumps(
@@ -193,7 +135,10 @@ def simulate(
             ],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
-        _wait_healthy(port, superlink, link_log)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}/health", superlink)
+        except (TimeoutError, ChildProcessError) as err:
+            raise SimulationFailed(f"{err}; see {link_log}") from None
         with open(log_path, "w") as log:
             run = subprocess.Popen(
                 ["flwr", "run", str(app), "fedenc", "--run-config", str(run_config), "--stream"],
@@ -243,20 +188,7 @@ def _failure(out: Path, log_path: Path, returncode: int | None) -> str:
     path = out / FAILURE
     if path.exists():
         return json.loads(path.read_text())["reason"]
-    return f"flwr exit code {returncode}; {_last_error(log_path)}"
-
-
-def _last_error(log_path: Path) -> str:
-    """The most telling line of a failed run's log."""
-    lines = log_path.read_text(errors="replace").splitlines()
-    client = [ln.split("Message:", 1)[1].strip().rstrip("'>") for ln in lines if "ClientAppException occurred. Message:" in ln]
-    if client and client[-1]:
-        return "a site failed: " + client[-1][:300]
-    for needle in ("RunFailed", "Error:", "Exception"):
-        hits = [ln.strip() for ln in lines if needle in ln]
-        if hits:
-            return hits[-1][:300]
-    return "no error line found"
+    return f"flwr exit code {returncode}; {last_error(log_path)}"
 
 
 def _cuda() -> bool:

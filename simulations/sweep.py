@@ -89,7 +89,7 @@ def run_cell(cell: Cell, config: dict, out: Path, log: Callable[[str], None]) ->
     """Run one cell into ``out`` (resuming a federated cell that has a checkpoint)."""
     cfg = dict(config) | {"epsilon": cell.epsilon, "seed": int(config.get("seed", 0)) + cell.seed}
     if cell.method == "federated":
-        from common.central import usable_checkpoint
+        from server.recorder import usable_checkpoint
         from simulations.outdir import holds_run
         from simulations.simulate import simulate
 

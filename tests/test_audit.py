@@ -147,7 +147,7 @@ def test_audit_dataset_keeps_the_federation_and_puts_canaries_at_one_site(synthe
 
 
 def test_canaries_never_in_central_evaluation(synthetic_dir, tiny_bert, tmp_path):
-    from common.central import CentralEvaluator
+    from common.evaluation import CentralEvaluator
 
     config = {"dataset": "csv", "data-path": str(synthetic_dir / "interactions.csv"), "num-sites": 2,
               "model": tiny_bert, "max-tokens": 16, "max-history": 8}

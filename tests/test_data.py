@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cli.main import app
 from common.data import DataError, DataSpec, leave_one_out, load, spec_for
 from common.partition import dominant_categories, partition_users
 from common.text import history_text
-from simulations.cli import app
 
 runner = CliRunner()
 

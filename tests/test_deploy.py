@@ -22,10 +22,13 @@ import numpy as np
 import pytest
 import tomli_w
 
-from simulations import deploy
-from simulations.simulate import _free_port, stop_tree
+import deploy.certs
+import deploy.sites
+import deploy.superlink
+from deploy import DeployError
+from deploy.processes import free_port, stop_tree
 
-FEDENC = [sys.executable, "-m", "simulations.cli"]
+FEDENC = [sys.executable, "-m", "cli"]
 
 
 # ----------------------------------------------------------------------------- certs and keys
@@ -34,7 +37,7 @@ FEDENC = [sys.executable, "-m", "simulations.cli"]
 def test_certs_verify_for_loopback(tmp_path):
     from cryptography import x509
 
-    paths = deploy.make_certs(tmp_path / "certs")
+    paths = deploy.certs.make_certs(tmp_path / "certs")
     ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
     cert = x509.load_pem_x509_certificate(paths["cert"].read_bytes())
     cert.verify_directly_issued_by(ca)
@@ -43,23 +46,23 @@ def test_certs_verify_for_loopback(tmp_path):
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     ssl.create_default_context(cafile=str(paths["ca"])).load_cert_chain(paths["cert"], paths["key"])
     assert oct(paths["key"].stat().st_mode & 0o777) == "0o600"
-    assert deploy.make_certs(tmp_path / "certs") == paths  # kept, not renewed
+    assert deploy.certs.make_certs(tmp_path / "certs") == paths  # kept, not renewed
 
 
 def test_site_keys_are_what_flower_reads(tmp_path):
     from flwr.cli.supernode.register import try_load_public_key
 
-    private, public = deploy.make_site_keys("site-a", tmp_path)
+    private, public = deploy.certs.make_site_keys("site-a", tmp_path)
     assert try_load_public_key(public)  # what `flwr supernode register` does
-    assert deploy.check_private_key(private) == private.resolve()  # what flower-supernode loads
-    with pytest.raises(deploy.DeployError, match="already exists"):
-        deploy.make_site_keys("site-a", tmp_path)
+    assert deploy.certs.check_private_key(private) == private.resolve()  # what flower-supernode loads
+    with pytest.raises(DeployError, match="already exists"):
+        deploy.certs.make_site_keys("site-a", tmp_path)
 
 
 def test_node_config_is_parsed_by_flower():
     from flwr.common.config import parse_config_args
 
-    config = deploy.node_config("/data/site a.csv", 2, "/data/ledger.json", epsilon_budget=4, delta=1e-6)
+    config = deploy.sites.node_config("/data/site a.csv", 2, "/data/ledger.json", epsilon_budget=4, delta=1e-6)
     parsed = parse_config_args([config])
     assert parsed == {"data-path": "/data/site a.csv", "site-id": 2, "ledger-path": "/data/ledger.json", "epsilon-budget": 4.0,
                       "delta": 1e-6}
@@ -70,8 +73,8 @@ def test_node_config_is_parsed_by_flower():
 
 
 def test_a_supernode_without_its_own_budget_or_ledger_refuses_to_start(tmp_path, synthetic_dir):
-    certs = deploy.make_certs(tmp_path / "certs")
-    private, _ = deploy.make_site_keys("site-a", tmp_path)
+    certs = deploy.certs.make_certs(tmp_path / "certs")
+    private, _ = deploy.certs.make_site_keys("site-a", tmp_path)
     common = ("supernode", "--superlink", "127.0.0.1:1", "--ca", certs["ca"], "--key", private,
               "--data-path", synthetic_dir / "interactions.csv", "--site-id", 0, "--print")
     done = _fedenc(*common, "--ledger-path", tmp_path / "l.json")
@@ -218,7 +221,7 @@ def test_missing_certificate_is_named(tmp_path):
 
 
 def test_missing_site_data_is_named(tmp_path):
-    certs = deploy.make_certs(tmp_path / "certs")
+    certs = deploy.certs.make_certs(tmp_path / "certs")
     done = _fedenc("supernode", "--superlink", "127.0.0.1:1", "--ca", certs["ca"], "--key", tmp_path / "nokey",
                    "--data-path", tmp_path / "missing.csv", "--site-id", 0, "--ledger-path", tmp_path / "l.json",
                    "--epsilon-budget", 8, "--print")
@@ -227,7 +230,7 @@ def test_missing_site_data_is_named(tmp_path):
 
 
 def test_missing_private_key_is_named(tmp_path, synthetic_dir):
-    certs = deploy.make_certs(tmp_path / "certs")
+    certs = deploy.certs.make_certs(tmp_path / "certs")
     done = _fedenc("supernode", "--superlink", "127.0.0.1:1", "--ca", certs["ca"], "--key", tmp_path / "nokey",
                    "--data-path", synthetic_dir / "interactions.csv", "--site-id", 0, "--ledger-path", tmp_path / "l.json",
                    "--epsilon-budget", 8, "--print")
@@ -235,10 +238,10 @@ def test_missing_private_key_is_named(tmp_path, synthetic_dir):
 
 
 def test_unreachable_superlink_times_out(tmp_path):
-    certs = deploy.make_certs(tmp_path / "certs")
-    _, public = deploy.make_site_keys("site-a", tmp_path)
+    certs = deploy.certs.make_certs(tmp_path / "certs")
+    _, public = deploy.certs.make_site_keys("site-a", tmp_path)
     home = tmp_path / "home"
-    deploy.write_connection(home, "fedenc", f"127.0.0.1:{_free_port()}", certs["ca"])  # nothing listens there
+    deploy.superlink.write_connection(home, "fedenc", f"127.0.0.1:{free_port()}", certs["ca"])  # nothing listens there
     start = time.monotonic()
     done = _fedenc("register", public, "--home", home, "--timeout", 30, timeout=90)
     assert done.returncode == 1 and "registering" in done.stderr
@@ -257,24 +260,25 @@ def _start(cmd, log: Path, env) -> subprocess.Popen:
 def federation(tmp_path_factory, tiny_bert):
     """Operator and 3 sites on one machine: TLS, node auth, each site its own port and files."""
     root = tmp_path_factory.mktemp("federation")
-    certs = deploy.make_certs(root / "certs")
-    keys = {name: deploy.make_site_keys(name, root / "keys") for name in ("site-0", "site-1", "site-2", "rogue")}
-    files = deploy.split_builtin(root / "data", sites=3, seed=0, users_per_site=200)
+    certs = deploy.certs.make_certs(root / "certs")
+    keys = {name: deploy.certs.make_site_keys(name, root / "keys") for name in ("site-0", "site-1", "site-2", "rogue")}
+    files = deploy.sites.split_builtin(root / "data", sites=3, seed=0, users_per_site=200)
     home = root / "home"
-    env = deploy.deploy_env(home)
+    env = deploy.superlink.deploy_env(home)
     env["FEDENC_CACHE"] = str(root / "cache")
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_start(deploy.superlink_command(root / "certs", port, root / "state"), root / "superlink.out", env))
-        deploy.wait_superlink(address, certs["ca"], timeout=90, proc=procs[0])
-        deploy.write_connection(home, "fedenc", address, certs["ca"])
-        nodes = [deploy.register_key(keys[f"site-{i}"][1], "fedenc", env) for i in range(3)]
+        link = deploy.superlink.superlink_command(root / "certs", port, root / "state")
+        procs.append(_start(link, root / "superlink.out", env))
+        deploy.superlink.wait_superlink(address, certs["ca"], timeout=90, proc=procs[0])
+        deploy.superlink.write_connection(home, "fedenc", address, certs["ca"])
+        nodes = [deploy.superlink.register_key(keys[f"site-{i}"][1], "fedenc", env) for i in range(3)]
         ledgers = {i: root / f"site-{i}" / "ledger.json" for i in range(3)}
         for i in range(3):
-            config = deploy.node_config(str(files[i]), i, str(ledgers[i]), 8.0, state_dir=str(root / f"site-{i}" / "state"))
-            cmd = deploy.supernode_command(address, certs["ca"], keys[f"site-{i}"][0], _free_port(), config, max_wait=120)
+            config = deploy.sites.node_config(str(files[i]), i, str(ledgers[i]), 8.0, state_dir=str(root / f"site-{i}" / "state"))
+            cmd = deploy.sites.supernode_command(address, certs["ca"], keys[f"site-{i}"][0], free_port(), config, max_wait=120)
             procs.append(_start(cmd, root / f"supernode-{i}.out", env))
         run = {
             "dataset": "csv", "data-path": str(files["server"]), "items-path": str(root / "data" / "items.csv"),
@@ -293,7 +297,7 @@ def _run(fed, name: str, **changes) -> tuple[dict, float]:
     path = fed.root / f"{name}.toml"
     path.write_text(tomli_w.dumps(config))
     start = time.monotonic()
-    summary = deploy.run_federation("fedenc", path, fed.root / name, fed.env, timeout=1200)
+    summary = deploy.superlink.run_federation("fedenc", path, fed.root / name, fed.env, timeout=1200)
     return summary, time.monotonic() - start
 
 
@@ -368,8 +372,8 @@ def test_second_run_continues_from_the_spent_budget_with_central_dp(federation):
 
 @pytest.mark.deploy
 def test_unregistered_key_is_refused(federation):
-    cmd = deploy.supernode_command(federation.address, federation.certs["ca"], federation.keys["rogue"][0], _free_port(),
-                                   deploy.node_config("/nowhere.csv", 9, "/nowhere.json", 8.0), max_wait=10)
+    cmd = deploy.sites.supernode_command(federation.address, federation.certs["ca"], federation.keys["rogue"][0], free_port(),
+                                   deploy.sites.node_config("/nowhere.csv", 9, "/nowhere.json", 8.0), max_wait=10)
     proc = _start(cmd + ["--max-retries", "2"], federation.root / "rogue.out", federation.env)
     try:
         assert proc.wait(timeout=90) != 0
@@ -387,7 +391,7 @@ def test_unregistered_key_is_refused(federation):
 def test_plain_http_is_refused(federation):
     with pytest.raises(OSError):  # the SuperLink speaks TLS only
         urllib.request.urlopen(f"http://{federation.address}/health", timeout=5)
-    cmd = ["flower-supernode", "--superlink", federation.address, "--insecure", "--port", str(_free_port()),
+    cmd = ["flower-supernode", "--superlink", federation.address, "--insecure", "--port", str(free_port()),
            "--max-wait-time", "10", "--max-retries", "2"]
     proc = _start(cmd, federation.root / "insecure.out", federation.env)
     try:
@@ -399,7 +403,7 @@ def test_plain_http_is_refused(federation):
     home.mkdir(exist_ok=True)
     plain = {"superlink": {"default": "plain", "plain": {"address": federation.address, "insecure": True}}}
     (home / "config.toml").write_text(tomli_w.dumps(plain))
-    env = deploy.deploy_env(home)
+    env = deploy.superlink.deploy_env(home)
     ls = subprocess.run(["flwr", "supernode", "ls", "plain", "--format", "json"], env=env, capture_output=True, text=True,
                         timeout=60)
     assert '"success": true' not in ls.stdout
@@ -407,11 +411,11 @@ def test_plain_http_is_refused(federation):
 
 @pytest.mark.deploy
 def test_unreachable_superlink_supernode_gives_up(tmp_path, tiny_bert):
-    certs = deploy.make_certs(tmp_path / "certs")
-    private, _ = deploy.make_site_keys("site-a", tmp_path)
-    cmd = deploy.supernode_command(f"127.0.0.1:{_free_port()}", certs["ca"], private, _free_port(),
-                                   deploy.node_config("/x.csv", 0, "/x.json", 8.0), max_wait=10)
-    proc = _start(cmd + ["--max-retries", "2"], tmp_path / "sn.out", deploy.deploy_env(tmp_path / "home"))
+    certs = deploy.certs.make_certs(tmp_path / "certs")
+    private, _ = deploy.certs.make_site_keys("site-a", tmp_path)
+    cmd = deploy.sites.supernode_command(f"127.0.0.1:{free_port()}", certs["ca"], private, free_port(),
+                                   deploy.sites.node_config("/x.csv", 0, "/x.json", 8.0), max_wait=10)
+    proc = _start(cmd + ["--max-retries", "2"], tmp_path / "sn.out", deploy.superlink.deploy_env(tmp_path / "home"))
     try:
         assert proc.wait(timeout=90) != 0
     finally:

@@ -15,7 +15,9 @@ import pytest
 import tomli_w
 from test_deploy import FEDENC, _ledger_epsilon, _lines, _releases, federation  # noqa: F401  (a fixture here too)
 
-from simulations import deploy
+import deploy.certs
+import deploy.sites
+import deploy.superlink
 
 
 def crash(pid: int) -> None:
@@ -28,7 +30,7 @@ def crash(pid: int) -> None:
 
 
 def in_background(federation, name: str, **changes) -> tuple[Path, threading.Thread, dict]:  # noqa: F811
-    """Start ``deploy.run_federation`` on a thread; returns (out, thread, result)."""
+    """Start ``deploy.superlink.run_federation`` on a thread; returns (out, thread, result)."""
     out = federation.root / name
     path = federation.root / f"{name}.toml"
     path.write_text(tomli_w.dumps(federation.run | {"out-dir": str(out)} | changes))
@@ -36,7 +38,7 @@ def in_background(federation, name: str, **changes) -> tuple[Path, threading.Thr
 
     def run() -> None:
         try:
-            result["summary"] = deploy.run_federation("fedenc", path, out, federation.env, timeout=1200)
+            result["summary"] = deploy.superlink.run_federation("fedenc", path, out, federation.env, timeout=1200)
         except Exception as err:  # the caller asserts on it, with the reason
             result["error"] = err
 

@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 import simulations.library_baselines as lib
-from common.central import CentralEvaluator
+from cli.main import app
 from common.config import Settings
+from common.evaluation import CentralEvaluator
 from simulations.baselines import run_baseline
-from simulations.cli import app
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,14 @@ import torch
 from test_simulate import TINY, assert_clean_error, fedenc
 from torch.utils.data import TensorDataset
 
-from common import central
-from common.central import RunRecorder, usable_checkpoint
 from common.config import ConfigError, Settings
 from common.data import Catalogue, DataError, DataSpec, load
 from common.examples import EvalRows
 from common.files import atomic_write_text, default_mode, dumps
 from common.partition import partition_users
 from common.training import rank_of_targets, ranking_metrics
+from server import recorder as central
+from server.recorder import RunRecorder, usable_checkpoint
 from simulations.outdir import Replaced, settle
 
 

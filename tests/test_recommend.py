@@ -19,11 +19,11 @@ import torch
 from test_simulate import TINY, explain, fedenc, read_metrics
 from typer.testing import CliRunner
 
+from cli.main import app
 from common.config import load_config_file
 from common.recommend import RunError, UnknownItems, load_run
 from common.training import ranking_metrics
 from simulations.baselines import run_baseline
-from simulations.cli import app
 
 TOY_CSV = Path(__file__).parent / "data" / "toy" / "interactions.csv"  # another catalogue than the run's
 

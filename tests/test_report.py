@@ -13,9 +13,9 @@ import pytest
 from test_simulate import TINY
 from typer.testing import CliRunner
 
+from cli.main import app
 from common.config import load_config_file
 from simulations.baselines import run_baseline
-from simulations.cli import app
 from simulations.report import card_markdown, model_card, plot_report, site_epsilons, write_report
 
 

@@ -279,7 +279,7 @@ def test_a_grant_is_never_looser_than_the_policy(budget, cap, asked_eps, asked_d
 
 
 def _fedenc(*args):
-    return subprocess.run([sys.executable, "-m", "simulations.cli", "ledger", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", "ledger", *map(str, args)], capture_output=True,
                           text=True, timeout=120, cwd=Path(__file__).parents[1])
 
 

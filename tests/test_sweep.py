@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from common.central import CentralEvaluator
+from cli.main import app
 from common.config import Settings
+from common.evaluation import CentralEvaluator
 from simulations.baselines import routed_ranks, run_baseline
-from simulations.cli import app
 from simulations.sweep import COLUMNS, parse_epsilons
 
 L3, L4 = 1 / math.log2(3), 1 / math.log2(4)

@@ -1,5 +1,4 @@
-"""Server-side work that is not Flower glue: central evaluation, per-site privacy
-tracking, per-round records, checkpoints and the final summary.
+"""What a run leaves on disk, written crash-safe: one line per round, checkpoints, the summary.
 
 Output directory layout (the README's "What a run leaves on disk"): ``metrics.jsonl`` (one line per round),
 ``summary.json`` (written last: its presence means the run completed),
@@ -20,78 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .adapter import load_trainable_state, save_adapter, state_bytes, trainable_state
-from .config import Settings
-from .examples import EvalRows, evaluation_rows
-from .files import atomic_write, atomic_write_json, atomic_write_text, default_mode, dumps, fsync_dir
-from .site import dataset, shared_model
-from .training import rank_of_targets, rankable_items, ranking_metrics, resolve_device, with_lower_states
+from common.adapter import load_trainable_state, save_adapter, state_bytes
+from common.config import Settings
+from common.files import atomic_write, atomic_write_json, atomic_write_text, default_mode, dumps, fsync_dir
 
 CHECKPOINT = "checkpoint"
 POINTER = "LATEST"  # inside checkpoint/: the name of the complete checkpoint folder
 RUN_FILE = "run.json"  # the run token, kept by --resume
 FAILURE = "failure.json"  # why the run stopped, when it could not go on
-
-
-class CentralEvaluator:
-    """Scores every user's (or a seeded sample of users') held-out item, full ranking.
-
-    In simulation the server may read every user's split (a simulation convenience,
-    stated in docs/DESIGN.md, "Evaluation protocol"); in deployment it evaluates on a server-side dataset.
-    """
-
-    def __init__(self, settings: Settings, model=None):
-        """``model``: score this model (e.g. one restored from a run folder) instead of the
-        process's shared one."""
-        self.settings = settings
-        self.data, self.split = dataset(settings.data)
-        self.model = shared_model(settings, self.data) if model is None else model
-        self.device = resolve_device(settings.train.device)
-        users = np.arange(len(self.data.user_ids))
-        if settings["eval-exclude-prefix"]:  # the privacy audit's canaries are no one's utility
-            users = np.array([u for u in users if not self.data.user_ids[u].startswith(settings["eval-exclude-prefix"])])
-        n = settings["eval-users"]
-        if n and n < len(users):
-            users = np.sort(np.random.default_rng(settings["seed"]).choice(users, n, replace=False))
-        self.users = users
-        self.rows = {which: self._rows(which) for which in ("valid", "test")}
-        self.rankable = {which: rankable_items(rows, len(self.data.catalogue)) for which, rows in self.rows.items()}
-        self.cold = self._cold_start_mask()
-
-    def _rows(self, which: str) -> EvalRows:
-        m = self.settings.model
-        rows = evaluation_rows(self.data.catalogue, self.split, self.users, self.model.tokenizer,
-                               m.max_tokens, m.max_history, which)
-        return EvalRows(with_lower_states(self.model, rows.dataset), rows.exclude)
-
-    def _cold_start_mask(self) -> np.ndarray:
-        seen = np.zeros(len(self.data.catalogue), dtype=bool)
-        for seq in self.split.train:
-            seen[seq] = True
-        return ~seen[self.split.test[self.users]]
-
-    def initial_state(self) -> dict[str, np.ndarray]:
-        return trainable_state(self.model)
-
-    def __call__(self, state: dict[str, np.ndarray]) -> dict[str, float]:
-        """``valid/…`` and ``test/…`` metrics of ``state``; the unprefixed keys are test."""
-        load_trainable_state(self.model, state)
-        return self.metrics({which: rank_of_targets(self.model, rows, self.device) for which, rows in self.rows.items()})
-
-    def metrics(self, ranked: dict[str, tuple[np.ndarray, float]]) -> dict[str, float]:
-        """``valid/…``, ``test/…`` and ``cold/…`` metrics from each split's (ranks, loss), ranks in
-        ``self.users`` order. ``cold/…``: test users whose test item is in no training history."""
-        out = {}
-        for which, (ranks, loss) in ranked.items():
-            scores = ranking_metrics(ranks, rankable=self.rankable[which]) | {"loss": loss, "users": int(len(ranks))}
-            for k, v in scores.items():
-                out[f"{which}/{k}"] = v
-        cold = ranked["test"][0][self.cold]
-        cold_metrics = ranking_metrics(cold, rankable=self.rankable["test"][self.cold])
-        out |= {f"cold/{k}": v for k, v in cold_metrics.items()} | {"cold/users": int(self.cold.sum())}
-        return out
 
 
 @dataclass
@@ -304,46 +240,3 @@ def _fsync_tree(folder: Path) -> None:
         else:
             fsync_dir(path)
     fsync_dir(folder)
-
-
-# Parameters whose shape or meaning is tied to one catalogue: never transferred.
-CATALOGUE_SPECIFIC = ("scorer.bias",)
-
-
-def warm_start(settings: Settings) -> dict[str, np.ndarray]:
-    """Pre-train the transferable parameters (LoRA, fusion, scale) without DP on a PUBLIC
-    dataset, before the private rounds.
-
-    A text model has no item ids, so what it learns on one catalogue transfers to
-    another; the catalogue-specific item bias stays behind. The public set must not be
-    the run's own data: that would spend the sites' users without accounting.
-    """
-    from dataclasses import replace
-
-    from .config import ConfigError
-    from .data import DataSpec
-    from .examples import training_rows
-    from .model import Recommender
-    from .privacy import PrivacySettings
-    from .training import train_local
-
-    name = settings["warm-start"]
-    if name == settings["dataset"] and not settings["data-path"]:
-        raise ConfigError(f"warm-start: {name!r} is the run's own dataset; pick another public dataset")
-    data, split = dataset(DataSpec(dataset=name))
-    torch.manual_seed(settings["seed"])
-    model = Recommender.build(settings.model, list(data.catalogue.texts))
-    m = settings.model
-    rows = training_rows(data.catalogue, split, np.arange(len(data.user_ids)), model.tokenizer,
-                         m.max_tokens, m.max_history, settings.train.targets_per_user)
-    train = replace(settings.train, local_steps=settings["warm-start-steps"])
-    public = PrivacySettings(epsilon=math.inf, expected_batch=settings.privacy.expected_batch)
-    state, _ = train_local(model.to(resolve_device(train.device)), None, with_lower_states(model, rows), train, public)
-    return {k: v for k, v in state.items() if k not in CATALOGUE_SPECIFIC}
-
-
-def set_server_threads() -> None:
-    """The server evaluates while sites wait: let it use the machine's cores."""
-    import os
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))

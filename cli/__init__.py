@@ -1,0 +1,1 @@
+"""The ``fedenc`` command line: one typer app (``cli.main``), its commands grouped by what they touch."""

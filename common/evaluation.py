@@ -1,0 +1,79 @@
+"""Central evaluation: every user's (or a seeded sample's) held-out item, full ranking,
+the metrics of the README. Shared by the ServerApp, the baselines and ``common.recommend``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .adapter import load_trainable_state, trainable_state
+from .config import Settings
+from .examples import EvalRows, evaluation_rows
+from .site import dataset, shared_model
+from .training import rank_of_targets, rankable_items, ranking_metrics, resolve_device, with_lower_states
+
+
+class CentralEvaluator:
+    """Scores every user's (or a seeded sample of users') held-out item, full ranking.
+
+    In simulation the server may read every user's split (a simulation convenience,
+    stated in docs/DESIGN.md, "Evaluation protocol"); in deployment it evaluates on a server-side dataset.
+    """
+
+    def __init__(self, settings: Settings, model=None):
+        """``model``: score this model (e.g. one restored from a run folder) instead of the
+        process's shared one."""
+        self.settings = settings
+        self.data, self.split = dataset(settings.data)
+        self.model = shared_model(settings, self.data) if model is None else model
+        self.device = resolve_device(settings.train.device)
+        users = np.arange(len(self.data.user_ids))
+        if settings["eval-exclude-prefix"]:  # the privacy audit's canaries are no one's utility
+            users = np.array([u for u in users if not self.data.user_ids[u].startswith(settings["eval-exclude-prefix"])])
+        n = settings["eval-users"]
+        if n and n < len(users):
+            users = np.sort(np.random.default_rng(settings["seed"]).choice(users, n, replace=False))
+        self.users = users
+        self.rows = {which: self._rows(which) for which in ("valid", "test")}
+        self.rankable = {which: rankable_items(rows, len(self.data.catalogue)) for which, rows in self.rows.items()}
+        self.cold = self._cold_start_mask()
+
+    def _rows(self, which: str) -> EvalRows:
+        m = self.settings.model
+        rows = evaluation_rows(self.data.catalogue, self.split, self.users, self.model.tokenizer,
+                               m.max_tokens, m.max_history, which)
+        return EvalRows(with_lower_states(self.model, rows.dataset), rows.exclude)
+
+    def _cold_start_mask(self) -> np.ndarray:
+        seen = np.zeros(len(self.data.catalogue), dtype=bool)
+        for seq in self.split.train:
+            seen[seq] = True
+        return ~seen[self.split.test[self.users]]
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        return trainable_state(self.model)
+
+    def __call__(self, state: dict[str, np.ndarray]) -> dict[str, float]:
+        """``valid/…`` and ``test/…`` metrics of ``state``; the unprefixed keys are test."""
+        load_trainable_state(self.model, state)
+        return self.metrics({which: rank_of_targets(self.model, rows, self.device) for which, rows in self.rows.items()})
+
+    def metrics(self, ranked: dict[str, tuple[np.ndarray, float]]) -> dict[str, float]:
+        """``valid/…``, ``test/…`` and ``cold/…`` metrics from each split's (ranks, loss), ranks in
+        ``self.users`` order. ``cold/…``: test users whose test item is in no training history."""
+        out = {}
+        for which, (ranks, loss) in ranked.items():
+            scores = ranking_metrics(ranks, rankable=self.rankable[which]) | {"loss": loss, "users": int(len(ranks))}
+            for k, v in scores.items():
+                out[f"{which}/{k}"] = v
+        cold = ranked["test"][0][self.cold]
+        cold_metrics = ranking_metrics(cold, rankable=self.rankable["test"][self.cold])
+        out |= {f"cold/{k}": v for k, v in cold_metrics.items()} | {"cold/users": int(self.cold.sum())}
+        return out
+
+
+def set_server_threads() -> None:
+    """The server evaluates while sites wait: let it use the machine's cores."""
+    import os
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
