@@ -93,3 +93,41 @@ def test_signal_leaves_no_process_behind(sig, tiny_bert, tmp_path):
             except psutil.Error:
                 pass
         proc.wait()
+
+
+@pytest.mark.deploy
+def test_deploy_superlink_stops_flower_on_sigterm(tmp_path):
+    """`fedenc deploy superlink` runs flower-superlink in the foreground: a SIGTERM to fedenc
+    (a service manager stopping it) must stop the SuperLink too, not leave it serving."""
+    from deploy.certs import make_certs
+    from deploy.processes import free_port
+    from deploy.superlink import wait_superlink
+
+    certs = make_certs(tmp_path / "certs")
+    port = free_port()
+    cmd = [fedenc_script(), "deploy", "superlink", "--certs", str(tmp_path / "certs"), "--state", str(tmp_path / "state"),
+           "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    tree: dict[int, psutil.Process] = {}
+    try:
+        wait_superlink(f"127.0.0.1:{port}", certs["ca"], timeout=90)
+        for p in descendants(proc):
+            tree.setdefault(p.pid, p)
+        assert any("flower-superlink" in cmdline(p) for p in tree.values()), [describe(p) for p in tree.values()]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=GRACE)
+        assert proc.returncode == 143, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        _, alive = psutil.wait_procs(list(tree.values()), timeout=5)
+        assert not alive, f"outlived fedenc: {[describe(p) for p in alive]}"
+    finally:
+        for p in tree.values():
+            try:
+                if p.is_running():
+                    p.kill()
+            except psutil.Error:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
