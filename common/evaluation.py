@@ -8,25 +8,29 @@ import torch
 
 from .adapter import load_trainable_state, trainable_state
 from .config import Settings
-from .examples import EvalRows, evaluation_rows
+from .examples import EvalRows, evaluation_rows, target_rows
 from .site import dataset, shared_model
 from .training import rank_of_targets, rankable_items, ranking_metrics, resolve_device, with_lower_states
 
 
-class CentralEvaluator:
-    """Scores every user's (or a seeded sample of users') held-out item, full ranking.
+class HeldOutUsers:
+    """Who central evaluation scores and on what: the evaluated users (every user, or a seeded
+    sample), each split's held-out items and excluded histories (``targets``, rows without
+    text), how many items each is ranked among, the cold-start mask, and the metrics of ranks.
 
-    In simulation the server may read every user's split (a simulation convenience,
-    stated in docs/DESIGN.md, "Evaluation protocol"); in deployment it evaluates on a server-side dataset.
+    Needs no model: a scorer that reads only the held-out items (the popularity baseline)
+    ranks ``targets`` with :func:`common.training.rank_of_targets` under the same rule
+    (exclusions, ties) as the model, without the encoder's lower-layer states of every user.
+
+    Example::
+
+        held = HeldOutUsers(settings)
+        held.metrics({w: rank_of_targets(scorer, rows, "cpu") for w, rows in held.targets.items()})
     """
 
-    def __init__(self, settings: Settings, model=None):
-        """``model``: score this model (e.g. one restored from a run folder) instead of the
-        process's shared one."""
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.data, self.split = dataset(settings.data)
-        self.model = shared_model(settings, self.data) if model is None else model
-        self.device = resolve_device(settings.train.device)
         users = np.arange(len(self.data.user_ids))
         if settings["eval-exclude-prefix"]:  # the privacy audit's canaries are no one's utility
             users = np.array([u for u in users if not self.data.user_ids[u].startswith(settings["eval-exclude-prefix"])])
@@ -34,29 +38,15 @@ class CentralEvaluator:
         if n and n < len(users):
             users = np.sort(np.random.default_rng(settings["seed"]).choice(users, n, replace=False))
         self.users = users
-        self.rows = {which: self._rows(which) for which in ("valid", "test")}
-        self.rankable = {which: rankable_items(rows, len(self.data.catalogue)) for which, rows in self.rows.items()}
+        self.targets = {which: target_rows(self.split, users, which) for which in ("valid", "test")}
+        self.rankable = {which: rankable_items(rows, len(self.data.catalogue)) for which, rows in self.targets.items()}
         self.cold = self._cold_start_mask()
-
-    def _rows(self, which: str) -> EvalRows:
-        m = self.settings.model
-        rows = evaluation_rows(self.data.catalogue, self.split, self.users, self.model.tokenizer,
-                               m.max_tokens, m.max_history, which)
-        return EvalRows(with_lower_states(self.model, rows.dataset), rows.exclude)
 
     def _cold_start_mask(self) -> np.ndarray:
         seen = np.zeros(len(self.data.catalogue), dtype=bool)
         for seq in self.split.train:
             seen[seq] = True
         return ~seen[self.split.test[self.users]]
-
-    def initial_state(self) -> dict[str, np.ndarray]:
-        return trainable_state(self.model)
-
-    def __call__(self, state: dict[str, np.ndarray]) -> dict[str, float]:
-        """``valid/…`` and ``test/…`` metrics of ``state``; the unprefixed keys are test."""
-        load_trainable_state(self.model, state)
-        return self.metrics({which: rank_of_targets(self.model, rows, self.device) for which, rows in self.rows.items()})
 
     def metrics(self, ranked: dict[str, tuple[np.ndarray, float]]) -> dict[str, float]:
         """``valid/…``, ``test/…`` and ``cold/…`` metrics from each split's (ranks, loss), ranks in
@@ -70,6 +60,36 @@ class CentralEvaluator:
         cold_metrics = ranking_metrics(cold, rankable=self.rankable["test"][self.cold])
         out |= {f"cold/{k}": v for k, v in cold_metrics.items()} | {"cold/users": int(self.cold.sum())}
         return out
+
+
+class CentralEvaluator(HeldOutUsers):
+    """Scores every user's (or a seeded sample of users') held-out item, full ranking.
+
+    In simulation the server may read every user's split (a simulation convenience,
+    stated in docs/DESIGN.md, "Evaluation protocol"); in deployment it evaluates on a server-side dataset.
+    """
+
+    def __init__(self, settings: Settings, model=None):
+        """``model``: score this model (e.g. one restored from a run folder) instead of the
+        process's shared one."""
+        super().__init__(settings)
+        self.model = shared_model(settings, self.data) if model is None else model
+        self.device = resolve_device(settings.train.device)
+        self.rows = {which: self._rows(which) for which in ("valid", "test")}
+
+    def _rows(self, which: str) -> EvalRows:
+        m = self.settings.model
+        rows = evaluation_rows(self.data.catalogue, self.split, self.users, self.model.tokenizer,
+                               m.max_tokens, m.max_history, which)
+        return EvalRows(with_lower_states(self.model, rows.dataset), rows.exclude)
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        return trainable_state(self.model)
+
+    def __call__(self, state: dict[str, np.ndarray]) -> dict[str, float]:
+        """``valid/…`` and ``test/…`` metrics of ``state``; the unprefixed keys are test."""
+        load_trainable_state(self.model, state)
+        return self.metrics({which: rank_of_targets(self.model, rows, self.device) for which, rows in self.rows.items()})
 
 
 def set_server_threads() -> None:

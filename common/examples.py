@@ -57,10 +57,14 @@ def training_rows(
     return _rows(catalogue, histories, targets, tokenizer, max_tokens, max_history, targets_per_user)
 
 
-def evaluation_rows(
-    catalogue: Catalogue, split: Split, users, tokenizer, max_tokens: int, max_history: int, which: str
-) -> EvalRows:
-    """Rows for ``which`` in {"valid", "test"}: the history is everything before the held-out item."""
+def held_out(split: Split, users, which: str) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Each user's history and held-out item for ``which`` in {"valid", "test"}: the history
+    is everything before the held-out item (and is excluded from that item's ranking).
+
+    Example::
+
+        histories, targets = held_out(split, [0, 1], "test")
+    """
     if which == "valid":
         histories = [split.train[u] for u in users]
         targets = [[int(split.valid[u])] for u in users]
@@ -69,5 +73,21 @@ def evaluation_rows(
         targets = [[int(split.test[u])] for u in users]
     else:
         raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
-    ds = _rows(catalogue, histories, targets, tokenizer, max_tokens, max_history, 1)
-    return EvalRows(ds, [np.array(h, dtype=np.int64) for h in histories])  # copies: split arrays are read-only
+    return [np.array(h, dtype=np.int64) for h in histories], targets  # copies: split arrays are read-only
+
+
+def target_rows(split: Split, users, which: str) -> EvalRows:
+    """Evaluation rows without text: the held-out items and exclusions of :func:`evaluation_rows`
+    for a scorer that needs no model input (the popularity baseline); the text, mask and history
+    tensors have width 0."""
+    histories, targets = held_out(split, users, which)
+    empty = torch.zeros((len(targets), 0), dtype=torch.long)
+    return EvalRows(TensorDataset(empty, empty, empty, torch.tensor(targets, dtype=torch.long).reshape(-1, 1)), histories)
+
+
+def evaluation_rows(
+    catalogue: Catalogue, split: Split, users, tokenizer, max_tokens: int, max_history: int, which: str
+) -> EvalRows:
+    """Rows for ``which`` in {"valid", "test"}: the history is everything before the held-out item."""
+    histories, targets = held_out(split, users, which)
+    return EvalRows(_rows(catalogue, histories, targets, tokenizer, max_tokens, max_history, 1), histories)

@@ -28,13 +28,13 @@ from torch.utils.data import TensorDataset
 
 from common.adapter import load_trainable_state
 from common.config import ConfigError, Settings
-from common.evaluation import CentralEvaluator
+from common.evaluation import CentralEvaluator, HeldOutUsers
 from common.examples import EvalRows, training_rows
 from common.ledger import PrivacyLedger
 from common.prior import log_prior
 from common.privacy import PrivacyError
 from common.site import Site, site_users
-from common.training import rank_of_targets, train_local, with_lower_states
+from common.training import rank_of_targets, resolve_device, train_local, with_lower_states
 from server.recorder import CHECKPOINT, RunRecorder
 from simulations.library_baselines import LIBRARY_BASELINES, require, run_library_baseline
 
@@ -85,11 +85,14 @@ def routed_ranks(model, rows: EvalRows, owner: np.ndarray, states: list[dict], d
     return ranks, loss / max(len(owner), 1)
 
 
-def _open(settings: Settings, out: str | Path) -> tuple[CentralEvaluator, RunRecorder]:
-    out = Path(out)
+def _clear(out: str | Path) -> None:
     for name in ("metrics.jsonl", "summary.json", CHECKPOINT, "adapter"):  # a baseline always starts afresh
-        path = out / name
+        path = Path(out) / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _open(settings: Settings, out: str | Path) -> tuple[CentralEvaluator, RunRecorder]:
+    _clear(out)
     # One evaluator per process and evaluation-relevant settings: a sweep's baseline cells
     # share the cached rows (the privacy and output settings do not change them).
     key = json.dumps({k: v for k, v in settings.values.items() if k not in ("epsilon", "out-dir", "ledger-dir")},
@@ -122,11 +125,16 @@ def _round_seed(settings: Settings, rnd: int, site: int = 0):
 
 
 def popularity(settings: Settings, out: str | Path) -> dict:
-    """Most popular training items (counts over every user's training items), full ranking."""
-    evaluator, recorder = _open(settings, out)
-    scorer = PopularityScorer(evaluator.split.popularity()).to(evaluator.device)
-    ranked = {which: rank_of_targets(scorer, rows, evaluator.device) for which, rows in evaluator.rows.items()}
-    recorder.round_done(0, evaluator.metrics(ranked), {}, None, {})
+    """Most popular training items (counts over every user's training items), full ranking.
+
+    Ranks only the held-out items (:class:`HeldOutUsers`): no model, no lower-layer states."""
+    _clear(out)
+    held = HeldOutUsers(settings)
+    recorder = RunRecorder.open(out, settings)
+    device = resolve_device(settings.train.device)
+    scorer = PopularityScorer(held.split.popularity()).to(device)
+    ranked = {which: rank_of_targets(scorer, rows, device) for which, rows in held.targets.items()}
+    recorder.round_done(0, held.metrics(ranked), {}, None, {})
     return recorder.finish(None, {}, {"method": "popularity"})
 
 

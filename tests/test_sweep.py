@@ -61,6 +61,29 @@ def test_popularity_matches_hand_computation(toy_config, tmp_path):
     assert not (tmp_path / "adapter").exists()  # no model, no adapter
 
 
+def test_popularity_builds_no_model_and_ranks_as_the_central_evaluator(synthetic_dir, tiny_bert, tmp_path, monkeypatch):
+    """300 users with many tied counts: ranking only the held-out items gives exactly the
+    metrics the full central evaluator (model rows, lower-layer states) gave the same scorer."""
+    from common.training import rank_of_targets
+    from simulations.baselines import PopularityScorer
+
+    config = {"dataset": "csv", "data-path": str(synthetic_dir / "interactions.csv"), "model": tiny_bert,
+              "num-sites": 2, "max-tokens": 16, "max-history": 8, "eval-users": 250, "epsilon": math.inf}
+    ev = CentralEvaluator(Settings.from_config(config))
+    scorer = PopularityScorer(ev.split.popularity())
+    expected = ev.metrics({w: rank_of_targets(scorer, rows, ev.device) for w, rows in ev.rows.items()})
+    counts = ev.split.popularity()
+    assert len(np.unique(counts)) < len(counts) and 0 < expected["test/ndcg@10"] < 1  # ties, hits and misses
+
+    def no_model(*_):
+        raise AssertionError("the popularity baseline built the model")
+
+    monkeypatch.setattr("common.evaluation.shared_model", no_model)
+    run_baseline("popularity", config, tmp_path)
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert {k: line[k] for k in expected} == expected
+
+
 def test_local_routes_each_user_to_its_own_site(toy_config):
     """Site A (u1, u2) and site B (u10, u3): a state that puts item i1 first helps exactly
     the users of the site that holds it (u2 and u3 both have test item i1)."""
