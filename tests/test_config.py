@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from common.config import KEYS, ConfigError, Settings, load_config_file, parse_overrides
+from common.config import KEYS, ConfigError, Settings, load_config_file, markdown_table, parse_overrides, toml_table
+from common.settings import declared
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
@@ -24,7 +28,8 @@ def test_defaults():
     assert s.data.dataset == "movietweetings" and s.data.data_path is None
     assert s.data.rating_threshold is None  # negative: keep all
     assert s.model.lora.target_modules is None and s.model.lora.ffa
-    assert s["accountant"] == "rdp"
+    assert s.privacy.accountant == "rdp" and s.privacy.noise  # audit-control false: noise on
+    assert s.split.partition_column is None and s.server.central_dp == "none" and s.run.out_dir == ""
 
 
 def test_values_flow_into_the_typed_settings():
@@ -39,6 +44,11 @@ def test_values_flow_into_the_typed_settings():
     assert s.data.rating_threshold == 4.0
     assert s.model.lora.target_modules == ("query", "value")
     assert s.with_values(num_sites=7).num_sites == 7  # underscore spelling accepted
+    s = Settings.from_config({"audit-control": True, "seed": 3, "central-dp": "server-fixed", "prior-cap": 5,
+                              "partition-column": "site", "eval-users": 9, "round-timeout": 10})
+    assert not s.privacy.noise and s.server.central_dp == "server-fixed" and s.prior.cap == 5
+    assert s.model.lora.seed == s.train.seed == s.run.seed == 3  # one key, every group that needs it
+    assert s.split.partition_column == "site" and s.run.eval_users == 9 and s.server.round_timeout == 10.0
 
 
 def test_unknown_key_is_named():
@@ -87,11 +97,11 @@ def test_set_strings_are_coerced():
     s = Settings.from_config(parse_overrides(["epsilon=inf", "num-sites=3", "ffa-lora=false", "learning-rate=1e-3"]))
     assert s.privacy.epsilon == math.inf
     assert not s.private and not s.privacy.private
-    assert s.num_sites == 3 and not s["ffa-lora"] and s["learning-rate"] == 1e-3
+    assert s.num_sites == 3 and not s.model.lora.ffa and s.train.learning_rate == 1e-3
     assert Settings.from_config({"epsilon": "4"}).privacy.epsilon == 4.0
     assert Settings.from_config({"epsilon": math.inf}).private is False
     # string keys keep the text as given, even when it looks like a number
-    assert Settings.from_config(parse_overrides(["model=123", "dataset=csv"]))["model"] == "123"
+    assert Settings.from_config(parse_overrides(["model=123", "dataset=csv"])).model.model == "123"
 
 
 def test_parse_overrides():
@@ -111,10 +121,24 @@ def test_parse_overrides_errors(pair):
         parse_overrides([pair])
 
 
-def test_pyproject_defaults_match_keys():
-    """``flwr run .`` reads pyproject's [tool.flwr.app.config]; the CLI reads KEYS: same defaults."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    app_config = pyproject["tool"]["flwr"]["app"]["config"]
+def test_every_key_is_declared_once():
+    keys = [f.metadata["key"] for f in declared(Settings)]
+    assert len(keys) == len(set(keys)) == len(KEYS)
+
+
+def test_importing_the_settings_does_not_import_torch():
+    """The CLI and tools that only read settings stay light (torch takes seconds to import)."""
+    code = "import common.config, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_pyproject_table_is_the_generated_one():
+    """``flwr run .`` reads pyproject's [tool.flwr.app.config]; the CLI reads the declaration: same keys,
+    order, defaults and help (regenerate with ``python -m common.config toml``)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    assert toml_table() in text, "pyproject's [tool.flwr.app.config] differs: python -m common.config toml"
+    app_config = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
     assert list(app_config) == list(KEYS)
     for key, spec in KEYS.items():
         assert app_config[key] == spec.default, key
@@ -142,30 +166,24 @@ def test_load_config_file_errors(tmp_path):
         load_config_file(bad)
 
 
-def test_readme_documents_every_setting():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_readme_table_is_the_generated_one():
+    readme = (ROOT / "README.md").read_text()
     missing = [key for key in KEYS if f"| `{key}` |" not in readme]
     assert not missing, f"README settings table lacks {missing}"
+    assert markdown_table() in readme, "README settings table differs: python -m common.config markdown"
 
 
-def test_typed_settings_defaults_equal_the_declared_defaults():
-    """The dataclasses that code deeper down receives carry defaults of their own (used by
-    benchmarks and tests that build them directly): they must be the declared ones."""
-    import dataclasses
+def test_table_printer_refuses_an_unknown_table():
+    done = subprocess.run([sys.executable, "-m", "common.config", "yaml"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "common.config", "toml"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == toml_table()
 
-    from common.data import DataSpec
-    from common.encoder import LoraSettings
-    from common.model import ModelSettings
-    from common.privacy import PrivacySettings
-    from common.training import TrainSettings
 
+def test_group_defaults_equal_the_built_defaults():
+    """Code deeper down builds groups directly (``TrainSettings()``, benchmarks, tests): their field
+    defaults must be what a run config's defaults parse to, fields filled from another key included."""
     built = Settings.from_config({})
-    pairs = [(ModelSettings(), built.model), (LoraSettings(), built.model.lora), (TrainSettings(), built.train),
-             (PrivacySettings(), built.privacy), (DataSpec(), built.data)]
-    drift = [
-        f"{type(own).__name__}.{f.name}: {getattr(own, f.name)!r} != {getattr(declared, f.name)!r}"
-        for own, declared in pairs
-        for f in dataclasses.fields(own)
-        if not dataclasses.is_dataclass(getattr(own, f.name)) and getattr(own, f.name) != getattr(declared, f.name)
-    ]
-    assert not drift, drift
+    for f in dataclasses.fields(Settings):
+        if "group" in f.metadata:
+            assert f.metadata["group"]() == getattr(built, f.name), f.name
