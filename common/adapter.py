@@ -82,7 +82,8 @@ def save_adapter(model: nn.Module, directory: str | Path, settings: dict) -> Non
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    peft_model_of(model).save_pretrained(directory)
+    if hasattr(model, "encoder"):  # the sequential model has no text encoder: its head is all of it
+        peft_model_of(model).save_pretrained(directory)
     save_file(head_state(model), str(directory / HEAD_FILE))
     (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, default=str))
 
@@ -93,7 +94,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> None:
     from peft.utils import load_peft_weights
 
     directory = Path(directory)
-    set_peft_model_state_dict(peft_model_of(model), load_peft_weights(str(directory), device="cpu"))
+    if hasattr(model, "encoder"):
+        set_peft_model_state_dict(peft_model_of(model), load_peft_weights(str(directory), device="cpu"))
     head = load_file(str(directory / HEAD_FILE))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():

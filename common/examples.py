@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .data import Catalogue, Split
+from .sequence_rows import sequence_rows, sequence_training_rows
 from .text import history_text
 
 
@@ -48,6 +49,8 @@ def training_rows(
         ds = training_rows(cat, split, [0, 1], tokenizer, 64, 20, 8)
         ids, mask, history, targets = ds[0]
     """
+    if tokenizer is None:  # a model without text input (common/sequential.py)
+        return sequence_training_rows(split, users, max_history)
     histories, targets = [], []
     for u in users:
         seq = split.train[u]
@@ -90,4 +93,6 @@ def evaluation_rows(
 ) -> EvalRows:
     """Rows for ``which`` in {"valid", "test"}: the history is everything before the held-out item."""
     histories, targets = held_out(split, users, which)
+    if tokenizer is None:  # a model without text input (common/sequential.py)
+        return EvalRows(sequence_rows(histories, targets, max_history), histories)
     return EvalRows(_rows(catalogue, histories, targets, tokenizer, max_tokens, max_history, 1), histories)

@@ -114,7 +114,13 @@ class Recommender(nn.Module):
 
     @classmethod
     def build(cls, settings: ModelSettings, item_texts: list[str], bank: torch.Tensor | None = None, prior=None):
-        """Load the encoder, add LoRA, and compute (or take) the catalogue bank."""
+        """Load the encoder, add LoRA, and compute (or take) the catalogue bank; with
+        ``settings.kind == "sequential"``, the :class:`common.sequential.SequentialRecommender`
+        instead (one constructor for every caller)."""
+        if settings.kind == "sequential":
+            from .sequential import SequentialRecommender
+
+            return SequentialRecommender.build(settings, item_texts, bank, prior)
         from .bank import item_bank
 
         backbone, tokenizer = load_backbone(settings.model)

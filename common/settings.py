@@ -142,6 +142,10 @@ class ModelSettings:
     train_fusion: bool = setting("train-fusion", True, "train the fusion gate and recency attention")
     # frozen layers below LoRA computed once, bit-identical
     cache_lower_layers: bool = setting("cache-lower-layers", True, "compute frozen lower layers once")
+    # fused keeps existing runs and results; sequential: common/sequential.py (UniSRec-shaped)
+    kind: str = setting("model-kind", "fused", "fused | sequential", choices=("fused", "sequential"))
+    # the prototype's best without DP; 32 did better under DP (fewer noisy parameters)
+    sequence_hidden: int = setting("sequence-hidden", 64, "width of the sequential model's transformer", minimum=4)
 
 
 @dataclass(frozen=True)
