@@ -30,7 +30,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     settings = Settings.from_config(context.run_config)
     set_server_threads()
-    recorder = RunRecorder.open(settings["out-dir"] or "runs/latest", settings)
+    recorder = RunRecorder.open(settings.run.out_dir or "runs/latest", settings)
     try:
         federate(grid, settings, recorder)
     except RunFailed as err:
@@ -43,13 +43,13 @@ def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
     evaluator = CentralEvaluator(settings)
     catalogue = evaluator.data.catalogue
     identity = {"run-token": recorder.run_token, "catalogue": catalogue.fingerprint()}
-    roster = SiteRoster(settings.num_sites, settings["min-sites"], settings["wait-for-sites"])
+    roster = SiteRoster(settings.num_sites, settings.server.min_sites, settings.server.wait_for_sites)
     prior, prior_round = None, None  # the prior must be in place before the state that travels is taken
-    if settings["popularity-prior"] > 0:
+    if settings.prior.share > 0:
         prior = recorder.saved_prior()
         if prior is None:
             query = ConfigRecord({"task": "popularity-prior"} | identity)
-            counts, reports, prior_round = collect_counts(grid, roster, query, len(catalogue), settings["round-timeout"])
+            counts, reports, prior_round = collect_counts(grid, roster, query, len(catalogue), settings.server.round_timeout)
             recorder.record_sites([r | {"stage": "prior"} for r in reports])
             prior = log_prior(counts)
             recorder.save_prior(prior)
@@ -58,22 +58,22 @@ def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
     state = recorder.resume_state()
     if state is None:
         state = evaluator.initial_state()
-        if settings["warm-start"]:
+        if settings.run.warm_start:
             state.update(warm_start(settings))
-    bound = settings["max-update-norm"] or derived_update_bound(
-        settings["learning-rate"], settings["local-steps"], sum(v.size for v in state.values()))
+    bound = settings.server.max_update_norm or derived_update_bound(
+        settings.train.learning_rate, settings.train.local_steps, sum(v.size for v in state.values()))
     sites = BudgetAwareFedAvg(
-        fraction_train=settings["fraction-train"],
-        fraction_evaluate=settings["fraction-evaluate"],
-        min_available_nodes=settings["min-sites"],
+        fraction_train=settings.server.fraction_train,
+        fraction_evaluate=settings.server.fraction_evaluate,
+        min_available_nodes=settings.server.min_sites,
         roster=roster,
-        seed=settings["seed"],
+        seed=settings.run.seed,
         start_round=recorder.start_round,
     )
     sites.prior = prior
     # checks first, then central DP's clipping and noise (if set), then the average
     trainer = central_dp.wrap(sites, settings, recorder.releases)
-    rounds = ScreenedRounds(trainer, roster, bound, settings["max-failed-rounds"])
+    rounds = ScreenedRounds(trainer, roster, bound, settings.server.max_failed_rounds)
 
     def central_evaluation(server_round: int, arrays) -> MetricRecord:
         rnd = recorder.start_round + server_round
@@ -94,9 +94,9 @@ def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
 
     result = rounds.start(
         grid=grid,
-        initial_arrays=to_array_record(state, fp16=settings["transport-fp16"]),
+        initial_arrays=to_array_record(state, fp16=settings.server.transport_fp16),
         num_rounds=settings.rounds - recorder.start_round,
-        timeout=settings["round-timeout"],
+        timeout=settings.server.round_timeout,
         train_config=ConfigRecord({"num-rounds": settings.rounds} | identity),
         evaluate_config=ConfigRecord(dict(identity)),
         evaluate_fn=central_evaluation,

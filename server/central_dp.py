@@ -93,14 +93,14 @@ def wrap(strategy: Strategy, settings: Settings, releases: list[Release] = ()) -
 
         wrap(strategy, Settings.from_config({"central-dp": "server-fixed"})).releases  # []
     """
-    mode = settings["central-dp"]
+    mode = settings.server.central_dp
     if mode == "none":
         return strategy
     strategy.weighted_by_key = "unit-weight"  # every site weighs 1 (see module docstring)
     if hasattr(strategy, "_rng"):
         strategy._rng = secrets.SystemRandom()  # secret sampling, or no amplification may be claimed
     kind = ServerSideFixedClipping if mode == "server-fixed" else ClientSideFixedClipping
-    wrapper = kind(strategy, settings["central-dp-noise"], settings["central-dp-clip"], max(1, settings.num_sites))
+    wrapper = kind(strategy, settings.server.central_dp_noise, settings.server.central_dp_clip, max(1, settings.num_sites))
     wrapper._setup(releases)
     return wrapper
 
@@ -112,8 +112,8 @@ def central_epsilon(settings: Settings, releases: list[Release]) -> float:
     >>> round(central_epsilon(s, [(1.0, 1.0)] * 5), 2)
     12.3
     """
-    if settings["central-dp"] == "none" or not releases:
+    if settings.server.central_dp == "none" or not releases:
         return 0.0
     if any(z <= 0 for z, _ in releases):
         return float("inf")
-    return epsilon_spent([(z, q, 1) for z, q in releases], settings["central-dp-delta"], "rdp")
+    return epsilon_spent([(z, q, 1) for z, q in releases], settings.server.central_dp_delta, "rdp")

@@ -32,16 +32,16 @@ def warm_start(settings: Settings) -> dict[str, np.ndarray]:
     from common.privacy import PrivacySettings
     from common.training import train_local
 
-    name = settings["warm-start"]
-    if name == settings["dataset"] and not settings["data-path"]:
+    name = settings.run.warm_start
+    if name == settings.data.dataset and not settings.data.data_path:
         raise ConfigError(f"warm-start: {name!r} is the run's own dataset; pick another public dataset")
     data, split = dataset(DataSpec(dataset=name))
-    torch.manual_seed(settings["seed"])
+    torch.manual_seed(settings.run.seed)
     model = Recommender.build(settings.model, list(data.catalogue.texts))
     m = settings.model
     rows = training_rows(data.catalogue, split, np.arange(len(data.user_ids)), model.tokenizer,
                          m.max_tokens, m.max_history, settings.train.targets_per_user)
-    train = replace(settings.train, local_steps=settings["warm-start-steps"])
+    train = replace(settings.train, local_steps=settings.run.warm_start_steps)
     public = PrivacySettings(epsilon=math.inf, expected_batch=settings.privacy.expected_batch)
     state, _ = train_local(model.to(resolve_device(train.device)), None, with_lower_states(model, rows), train, public)
     return {k: v for k, v in state.items() if k not in CATALOGUE_SPECIFIC}
