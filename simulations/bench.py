@@ -11,12 +11,17 @@ side in one run on one machine.
    evaluation throughput.
 5. Scale: the largest number of virtual sites a simulation completes (tiny model,
    one round, no DP: it measures the framework, not the model).
+
+The parts (:data:`PARTS`: ``steps`` = 1 and 2, ``eval``, ``overhead`` = 3 and 4, ``scale``)
+can be run alone; ``bench.json`` is written after each, so an interrupted or timed-out bench
+keeps what finished and says which parts ran.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import platform
 import tempfile
 import threading
 import time
@@ -28,13 +33,15 @@ import psutil
 import torch
 
 from common.adapter import load_trainable_state
-from common.config import Settings
+from common.config import ConfigError, Settings
 from common.evaluation import CentralEvaluator
 from common.examples import training_rows
+from common.files import atomic_write_json
 from common.ledger import PrivacyLedger
 from common.model import Recommender
 from common.site import Site, dataset
 from common.training import with_lower_states
+from deploy.processes import interrupt_on_signals
 from simulations.step_numbers import measure_step, parameter_counts
 
 
@@ -156,12 +163,16 @@ def eval_throughput(settings: Settings) -> float:
     return 2 * len(evaluator.users) / (time.perf_counter() - start)  # valid + test
 
 
-def scale(config: dict, out: Path, site_counts: tuple[int, ...], tiny_model: str) -> list[dict]:
-    """Complete a one-round simulation with each number of sites; stop at the first failure."""
+def scale(config: dict, out: Path, site_counts: tuple[int, ...], tiny_model: str, left=lambda: None) -> list[dict]:
+    """Complete a one-round simulation with each number of sites; stop at the first failure.
+    ``left()``: seconds left to the bench (None: no limit); a count that does not finish in
+    them is recorded as not completed (``time_limit``) and the next is not tried."""
     from simulations.simulate import SimulationFailed, simulate
 
     results = []
     for n in site_counts:
+        if left() is not None and left() <= 0:
+            break
         cfg = config | {
             "model": tiny_model, "num-sites": n, "num-server-rounds": 1, "epsilon": math.inf,
             "expected-batch": 2, "local-steps": 1, "eval-users": 200, "max-tokens": 16,
@@ -169,12 +180,15 @@ def scale(config: dict, out: Path, site_counts: tuple[int, ...], tiny_model: str
         }
         with TreeMemory() as mem:
             start = time.perf_counter()
+            timeout = left()
             try:
-                simulate(cfg, out / f"scale-{n}", overwrite=True)
+                simulate(cfg, out / f"scale-{n}", overwrite=True, timeout=None if timeout is None else max(1.0, timeout))
                 ok = True
             except SimulationFailed:
                 ok = False
-        results.append({"sites": n, "completed": ok, "seconds": time.perf_counter() - start, "peak_rss_mb": mem.peak / 2**20})
+        seconds = time.perf_counter() - start
+        results.append({"sites": n, "completed": ok, "seconds": seconds, "peak_rss_mb": mem.peak / 2**20}
+                       | ({"time_limit": True} if not ok and timeout is not None and seconds >= timeout else {}))
         if not ok:
             break
     return results
@@ -194,16 +208,74 @@ def tiny_encoder(directory: Path) -> str:
     return str(directory)
 
 
-def bench(config: dict, out: str | Path, site_counts=(100, 1000), step_batches=(32, 64), progress=print) -> dict:
-    """Run every measurement, write ``out/bench.json`` and return it."""
-    from simulations.simulate import simulate
+PARTS = ("steps", "eval", "overhead", "scale")  # in the order they run
 
+
+@interrupt_on_signals()  # SIGTERM, like Ctrl-C, raises: the part it stops is recorded in bench.json
+def bench(config: dict, out: str | Path, site_counts=(100, 1000), step_batches=(32, 64), progress=print,
+          parts=PARTS, time_limit: float | None = None) -> dict:
+    """Run the measurements in ``parts`` (of :data:`PARTS`), write ``out/bench.json`` and return it.
+
+    ``bench.json`` is rewritten after every part and when a signal or a failure stops one, so an
+    interrupted bench leaves what finished; its ``parts`` entry says which parts ran (``done``),
+    which were left out for ``time_limit`` (seconds for the whole bench: a part starts only while
+    time is left, and a simulation is stopped when it runs out), which one stopped and why
+    (``stopped``), and whether every requested part ran (``complete``).
+
+    Example::
+
+        bench({"num-sites": 3}, "runs/bench", parts=("steps",))["dp_step_ratio"]
+    """
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ConfigError(f"bench parts: {', '.join(unknown) or 'none given'}; choose from {', '.join(PARTS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)  # as a simulated site runs
     settings = Settings.from_config(config)
-    result: dict = {"config": settings.as_dict(), "steps": {}}
+    deadline = time.monotonic() + time_limit if time_limit else None
+    ran = {"requested": [p for p in PARTS if p in parts], "done": [], "skipped": [], "stopped": None, "complete": False}
+    result: dict = {"config": settings.as_dict(), "machine": _machine(), "time_limit_s": time_limit, "parts": ran}
 
+    def left() -> float | None:
+        return None if deadline is None else deadline - time.monotonic()
+
+    measure = {
+        "steps": lambda: _steps(settings, result, step_batches, progress),
+        "eval": lambda: _evaluation(settings, result, progress),
+        "overhead": lambda: _overhead(config, settings, out, result, progress, left()),
+        "scale": lambda: _scale(config, out, result, tuple(site_counts), progress, left),
+    }
+    def save() -> None:
+        atomic_write_json(out / "bench.json", result, indent=1)
+
+    for name in ran["requested"]:
+        if left() is not None and left() <= 0:
+            ran["skipped"].append(name)
+            progress(f"{name}: skipped, the time limit ({time_limit:.0f} s) is spent")
+            continue
+        try:
+            measure[name]()
+        except BaseException as err:  # a signal or a failure: keep what finished, then let it end the run
+            ran["stopped"] = f"{name}: {type(err).__name__}" + (f": {err}" if str(err) else "")
+            result["machine"]["load_average_end"] = list(os.getloadavg())
+            save()
+            raise
+        ran["done"].append(name)
+        save()
+    ran["complete"] = ran["done"] == ran["requested"]
+    result["machine"]["load_average_end"] = list(os.getloadavg())
+    save()
+    return result
+
+
+def _machine() -> dict:
+    """What the numbers depend on besides the code: cores, load, versions."""
+    return {"cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+
+
+def _steps(settings: Settings, result: dict, step_batches, progress) -> None:
+    torch.set_num_threads(1)  # as a simulated site runs
     steps = step_table(settings, step_batches)
     params = steps.pop("parameters")
     result["steps"] = steps
@@ -215,31 +287,38 @@ def bench(config: dict, out: str | Path, site_counts=(100, 1000), step_batches=(
     result |= params | {"bytes_ratio": update / full, "bytes_ratio_fp16": update / 2 / full}
     progress(f"bytes: update {update:,} / full model {full:,} = 1/{full / update:.0f} (fp16 1/{2 * full / update:.0f})")
 
+
+def _evaluation(settings: Settings, result: dict, progress) -> None:
+    torch.set_num_threads(1)  # as a simulated site runs
     result["eval_users_per_s"] = eval_throughput(settings)
     progress(f"evaluation: {result['eval_users_per_s']:.0f} users/s")
 
+
+def _overhead(config: dict, settings: Settings, out: Path, result: dict, progress, time_left: float | None) -> None:
+    from simulations.simulate import simulate
+
     torch.set_num_threads(max(1, psutil.cpu_count() or 1))
     bare_seconds, bare_metrics = bare_loop(settings)
+    result |= {"bare_loop_seconds": bare_seconds, "bare_loop_ndcg@10": bare_metrics["test/ndcg@10"]}
     progress(f"bare loop: {bare_seconds:.1f} s, NDCG@10 {bare_metrics['test/ndcg@10']:.4f}")
+    timeout = None if time_left is None else max(1.0, time_left - bare_seconds)
     with TreeMemory() as mem:
         start = time.perf_counter()
-        summary = simulate(config, out / "simulate", overwrite=True)
+        summary = simulate(config, out / "simulate", overwrite=True, timeout=timeout)
         sim_seconds = time.perf_counter() - start
     result |= {
         "simulate_seconds": sim_seconds,
-        "bare_loop_seconds": bare_seconds,
         "framework_overhead_ratio": sim_seconds / bare_seconds,
         "peak_rss_mb": mem.peak / 2**20,
         "simulate_ndcg@10": summary["final"]["ndcg@10"],
-        "bare_loop_ndcg@10": bare_metrics["test/ndcg@10"],
     }
     progress(f"simulate: {sim_seconds:.1f} s (x{result['framework_overhead_ratio']:.2f} the bare loop), "
              f"peak RSS {result['peak_rss_mb']:.0f} MB")
 
+
+def _scale(config: dict, out: Path, result: dict, site_counts: tuple[int, ...], progress, left) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        result["scale"] = scale(config, out, tuple(site_counts), tiny_encoder(Path(tmp) / "tiny"))
+        result["scale"] = scale(config, out, site_counts, tiny_encoder(Path(tmp) / "tiny"), left)
     done = [r["sites"] for r in result["scale"] if r["completed"]]
     result["max_sites"] = max(done, default=0)
     progress(f"scale: {result['scale']}")
-    (out / "bench.json").write_text(json.dumps(result, indent=1, default=str))
-    return result

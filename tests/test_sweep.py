@@ -193,3 +193,4 @@ def test_bench_writes_every_measurement(tiny_bert, tmp_path):
         assert saved[key] == pytest.approx(result[key]) and result[key] > 0, key
     assert result["bytes_ratio_fp16"] == pytest.approx(result["bytes_ratio"] / 2)
     assert result["max_sites"] == 4
+    assert saved["parts"]["complete"] and saved["parts"]["done"] == ["steps", "eval", "overhead", "scale"]

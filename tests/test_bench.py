@@ -1,0 +1,70 @@
+"""``fedenc bench`` keeps what finished: bench.json after every part, which parts ran, and why
+one stopped (a signal, the time limit). The measurements themselves are stubbed here (fast);
+tests/test_sweep.py runs the whole bench on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from common.config import ConfigError
+from deploy.processes import Interrupted
+from simulations import bench as bench_module
+
+
+def fake_steps(seconds: float = 0.0):
+    def step_table(settings, batch_sizes):
+        time.sleep(seconds)
+        row = {"non_dp": {"median_s": 0.01, "median_cpu_s": 0.01}, "dp_hooks": {"median_s": 0.03, "median_cpu_s": 0.02}}
+        return {str(b): row for b in batch_sizes} | {"parameters": {"adapter_update_bytes": 10, "model_parameter_bytes": 1000}}
+
+    return step_table
+
+
+def test_sigterm_during_a_part_leaves_the_finished_parts_and_says_where_it_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_module, "step_table", fake_steps())
+
+    def killed(settings):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives first
+        raise AssertionError("SIGTERM did not stop the part")
+
+    monkeypatch.setattr(bench_module, "eval_throughput", killed)
+    with pytest.raises(Interrupted):
+        bench_module.bench({}, tmp_path, step_batches=(8,), progress=lambda _: None, parts=("steps", "eval", "overhead"))
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["dp_step_ratio"] == pytest.approx(2.0) and "eval_users_per_s" not in saved
+    assert saved["parts"]["requested"] == ["steps", "eval", "overhead"]
+    assert saved["parts"]["done"] == ["steps"] and not saved["parts"]["complete"]
+    assert saved["parts"]["stopped"].startswith("eval: Interrupted")
+
+
+def test_parts_left_out_at_the_time_limit_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_module, "step_table", fake_steps(seconds=0.3))
+    monkeypatch.setattr(bench_module, "eval_throughput", lambda settings: pytest.fail("ran past the time limit"))
+    result = bench_module.bench({}, tmp_path, step_batches=(8,), progress=lambda _: None, parts=("eval", "steps"),
+                                time_limit=0.1)
+    assert result["parts"]["requested"] == ["steps", "eval"]  # always in the order of PARTS
+    assert result["parts"]["done"] == ["steps"] and result["parts"]["skipped"] == ["eval"]
+    assert not result["parts"]["complete"] and result["parts"]["stopped"] is None
+    assert json.loads((tmp_path / "bench.json").read_text())["parts"] == result["parts"]
+
+
+def test_cli_bench_parts_and_partial_exit(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_module, "step_table", fake_steps(seconds=0.3))
+    done = CliRunner().invoke(app, ["bench", "--parts", "steps", "--out", str(tmp_path / "a")])
+    assert done.exit_code == 0, done.output
+    assert "dp_step_ratio 2.00" in done.output and json.loads((tmp_path / "a" / "bench.json").read_text())["parts"]["complete"]
+    partial = CliRunner().invoke(app, ["bench", "--parts", "steps,eval", "--time-limit", "0.1", "--out", str(tmp_path / "b")])
+    assert partial.exit_code == 1
+    assert "error: bench.json is partial: ran steps; left out eval" in partial.output
+    wrong = CliRunner().invoke(app, ["bench", "--parts", "steps,nope", "--out", str(tmp_path / "c")])
+    assert wrong.exit_code == 2 and "error: bench parts: nope" in wrong.output and not (tmp_path / "c").exists()
+    with pytest.raises(ConfigError):
+        bench_module.bench({}, tmp_path / "d", parts=())
