@@ -76,9 +76,9 @@ def test_popularity_builds_no_model_and_ranks_as_the_central_evaluator(synthetic
     assert len(np.unique(counts)) < len(counts) and 0 < expected["test/ndcg@10"] < 1  # ties, hits and misses
 
     def no_model(*_):
-        raise AssertionError("the popularity baseline built the model")
+        raise AssertionError("the popularity baseline built the model and its evaluation rows")
 
-    monkeypatch.setattr("common.evaluation.shared_model", no_model)
+    monkeypatch.setattr(CentralEvaluator, "__init__", no_model)
     run_baseline("popularity", config, tmp_path)
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert {k: line[k] for k in expected} == expected
