@@ -198,12 +198,12 @@ def run_cmd(
         settings = Settings.from_config(load_config_file(config))
     except ConfigError as err:
         fail(str(err))
-    if not settings["out-dir"]:
+    if not settings.run.out_dir:
         fail(f"{config}: set out-dir (a folder on the server machine) so the run's results can be found")
     try:
-        summary = run_federation(name, config, settings["out-dir"], deploy_env(home), timeout)
+        summary = run_federation(name, config, settings.run.out_dir, deploy_env(home), timeout)
     except DeployError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"done in {summary['wall_seconds']:.0f}s: NDCG@10 {summary['final']['ndcg@10']:.4f}, "
-               f"ε {summary['epsilon']:.3f}; results in {settings['out-dir']}")
+               f"ε {summary['epsilon']:.3f}; results in {settings.run.out_dir}")

@@ -50,7 +50,7 @@ def _open(context: Context) -> tuple[Site, NodeConfig, SitePolicy]:
         spec = replace(settings.data, dataset=node.dataset, data_path=node.data_path, items_path=node.items_path)
         cache = SiteCache(node.cache, node.cache_mb * 2**20) if node.cache else None
         return Site.open(settings, node.site_id, 1, spec, cache), node, node.policy
-    node = node.with_simulation_storage(settings["ledger-dir"])
+    node = node.with_simulation_storage(settings.run.ledger_dir)
     policy = SitePolicy(settings.privacy.epsilon, settings.privacy.delta, allow_non_private=True)
     return Site.open(settings, *node.partition), node, policy
 
@@ -152,7 +152,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     token = str(config.get("run-token", ""))
     run_round = int(config.get("run-round", config.get("server-round", 0)))
-    fp16 = site.settings["transport-fp16"]
+    fp16 = site.settings.server.transport_fp16
     try:
         privacy = _grant(site, policy, config)
         kept = KeptReplies(node.kept)

@@ -32,11 +32,11 @@ class HeldOutUsers:
         self.settings = settings
         self.data, self.split = dataset(settings.data)
         users = np.arange(len(self.data.user_ids))
-        if settings["eval-exclude-prefix"]:  # the privacy audit's canaries are no one's utility
-            users = np.array([u for u in users if not self.data.user_ids[u].startswith(settings["eval-exclude-prefix"])])
-        n = settings["eval-users"]
+        if settings.run.eval_exclude_prefix:  # the privacy audit's canaries are no one's utility
+            users = np.array([u for u in users if not self.data.user_ids[u].startswith(settings.run.eval_exclude_prefix)])
+        n = settings.run.eval_users
         if n and n < len(users):
-            users = np.sort(np.random.default_rng(settings["seed"]).choice(users, n, replace=False))
+            users = np.sort(np.random.default_rng(settings.run.seed).choice(users, n, replace=False))
         self.users = users
         self.targets = {which: target_rows(self.split, users, which) for which in ("valid", "test")}
         self.rankable = {which: rankable_items(rows, len(self.data.catalogue)) for which, rows in self.targets.items()}

@@ -286,7 +286,7 @@ def load_run(path: str | Path, device: str = "auto") -> Run:
         model = Recommender.build(settings.model, list(data.catalogue.texts), bank=head["bank"])
         load_adapter(model, adapter)
     except (ModelError, RuntimeError, KeyError, AssertionError) as err:
-        raise RunError(f"{path}: the saved model does not fit its base encoder {settings['model']!r}: "
+        raise RunError(f"{path}: the saved model does not fit its base encoder {settings.model.model!r}: "
                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     model.to(resolve_device(settings.train.device)).eval()
     return Run(path, settings, data, model)

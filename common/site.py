@@ -53,15 +53,15 @@ def shared_model(settings: Settings, data: Interactions) -> Recommender:
 
 def site_users(settings: Settings, data: Interactions, site: int, num_sites: int) -> np.ndarray:
     """The users of simulated site ``site`` out of ``num_sites`` (partitioned once per process)."""
-    key = (data.fingerprint(), num_sites, settings["partition"], settings["partition-column"],
-           settings["dirichlet-alpha"], settings["seed"])
+    key = (data.fingerprint(), num_sites, settings.split.partition, settings.split.partition_column,
+           settings.split.dirichlet_alpha, settings.run.seed)
     from .partition import partition_users  # flwr-datasets: only simulated sites partition
 
     with _LOCK:
         if key not in _PARTITIONS:
             _PARTITIONS[key] = partition_users(
-                data, num_sites, settings["partition"], settings["partition-column"] or None,
-                settings["dirichlet-alpha"], settings["seed"],
+                data, num_sites, settings.split.partition, settings.split.partition_column,
+                settings.split.dirichlet_alpha, settings.run.seed,
             )
         return _PARTITIONS[key][site]
 
@@ -85,7 +85,7 @@ class Site:
         """Simulation (``spec`` None: partition the run's dataset) or deployment (``spec``:
         the site's own files; all their users are the site's; ``cache``: where the rows
         derived from them are kept between messages)."""
-        key = (json.dumps(settings.values, sort_keys=True), site, num_sites, spec)
+        key = (json.dumps(settings.as_dict(), sort_keys=True), site, num_sites, spec)
         with _LOCK:
             cached = _SITES.get(key)
         if cached:
@@ -139,8 +139,8 @@ class Site:
 
         s = self.settings
         if not privacy.private or not privacy.noise:  # exact, capped counts (noise off: the audit's control)
-            return release_counts(self.split, self.users, s["prior-cap"], s["popularity-prior"], None)
-        return release_counts(self.split, self.users, s["prior-cap"], s["popularity-prior"], ledger, privacy.epsilon)
+            return release_counts(self.split, self.users, s.prior.cap, s.prior.share, None)
+        return release_counts(self.split, self.users, s.prior.cap, s.prior.share, ledger, privacy.epsilon)
 
     def set_prior(self, log_popularity) -> None:
         self.model.set_prior(log_popularity)

@@ -209,11 +209,11 @@ def audit(
     prepare_out(out, overwrite)
     try:
         data, split = dataset(settings.data)
-        sites = partition_users(data, settings.num_sites, settings["partition"], settings["partition-column"] or None,
-                                settings["dirichlet-alpha"], settings["seed"])
+        sites = partition_users(data, settings.num_sites, settings.split.partition, settings.split.partition_column,
+                                settings.split.dirichlet_alpha, settings.run.seed)
     except DataError as err:
         raise ConfigError(str(err)) from None
-    canaries = make_canaries(split, count, max(2, settings["k-core"] - 3), np.random.default_rng(settings["seed"]))
+    canaries = make_canaries(split, count, max(2, settings.data.k_core - 3), np.random.default_rng(settings.run.seed))
     interactions, items = write_dataset(data, sites, canaries, out / "data")
     log(f"{len(canaries)} canaries, {int(canaries.included.sum())} included at site {CANARY_SITE}; data in {out / 'data'}")
 

@@ -95,7 +95,7 @@ def _open(settings: Settings, out: str | Path) -> tuple[CentralEvaluator, RunRec
     _clear(out)
     # One evaluator per process and evaluation-relevant settings: a sweep's baseline cells
     # share the cached rows (the privacy and output settings do not change them).
-    key = json.dumps({k: v for k, v in settings.values.items() if k not in ("epsilon", "out-dir", "ledger-dir")},
+    key = json.dumps({k: v for k, v in settings.as_dict().items() if k not in ("epsilon", "out-dir", "ledger-dir")},
                      sort_keys=True, default=str)
     if key not in _EVALUATORS:
         _EVALUATORS.clear()
@@ -114,7 +114,7 @@ def _install_prior(settings: Settings, evaluator: CentralEvaluator, users, ledge
     private); returns the initial state, which now includes the prior's weight."""
     from common.prior import release_counts
 
-    counts = release_counts(evaluator.split, users, settings["prior-cap"], settings["popularity-prior"], ledger)
+    counts = release_counts(evaluator.split, users, settings.prior.cap, settings.prior.share, ledger)
     evaluator.model.set_prior(log_prior(counts))
     return evaluator.initial_state() | {"prior_weight.weight": np.array(1.0, dtype=np.float32)}
 
@@ -164,7 +164,7 @@ def centralized(settings: Settings, out: str | Path) -> dict:
     ))
     ledger = PrivacyLedger.open(None, "pooled", p.epsilon, p.delta_for(len(users)), p.accountant)
     state = evaluator.initial_state()
-    if settings["popularity-prior"] > 0:
+    if settings.prior.share > 0:
         state = _install_prior(settings, evaluator, users, ledger if settings.private else None)
     recorder.round_done(0, evaluator(state), {}, model, state)
     steps = settings.num_sites * settings.train.local_steps
@@ -192,7 +192,7 @@ def local(settings: Settings, out: str | Path) -> dict:
     p = settings.privacy
     ledgers = [PrivacyLedger.open(None, s.name, p.epsilon, p.delta_for(len(s.users)), p.accountant) for s in sites]
     priors = None
-    if settings["popularity-prior"] > 0:  # each site's own (DP) counts
+    if settings.prior.share > 0:  # each site's own (DP) counts
         priors = [log_prior(s.release_counts(ledgers[i], p)) for i, s in enumerate(sites)]
         model.set_prior(priors[0])
         initial = initial | {"prior_weight.weight": np.array(1.0, dtype=np.float32)}

@@ -55,7 +55,7 @@ def step_table(settings: Settings, batch_sizes, users: int = 256) -> dict:
     m = settings.model
     table: dict = {}
     for cache in (True, False):
-        torch.manual_seed(settings["seed"])
+        torch.manual_seed(settings.run.seed)
         model = Recommender.build(replace(m, cache_lower_layers=cache), list(data.catalogue.texts))
         rows = training_rows(data.catalogue, split, np.arange(users), model.tokenizer, m.max_tokens, m.max_history,
                              settings.train.targets_per_user)
@@ -90,7 +90,7 @@ def bare_loop(settings: Settings) -> tuple[float, dict]:
             path = Path(folder) / f"{site.name}.json"
             return PrivacyLedger.open(path, site.name, p.epsilon, p.delta_for(len(site.users)), p.accountant)
 
-        if settings["popularity-prior"] > 0:  # the count query the ServerApp sends first
+        if settings.prior.share > 0:  # the count query the ServerApp sends first
             prior = log_prior(sum(site.release_counts(ledger(site), p) for site in sites))
             evaluator.model.set_prior(prior)
             for site in sites:
@@ -100,7 +100,7 @@ def bare_loop(settings: Settings) -> tuple[float, dict]:
         for rnd in range(1, settings.rounds + 1):
             updates = [site.train(state, ledger(site), p, planned_rounds=settings.rounds - rnd + 1)[0] for site in sites]
             state = {k: sum(u[k] for u in updates) / len(updates) for k in state}  # sites weigh 1, as in the strategy
-            if settings["fraction-evaluate"] > 0 and not settings.private:  # sites evaluate only without DP
+            if settings.server.fraction_evaluate > 0 and not settings.private:  # sites evaluate only without DP
                 for site in sites:
                     site.evaluate(state)
             metrics = evaluator(state)

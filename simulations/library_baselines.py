@@ -119,7 +119,7 @@ def implicit_mf(name: str, settings: Settings, out: str | Path) -> dict:
     matrix.sum_duplicates()
     matrix.data[:] = 1.0  # a re-watched item is one positive, as BPR treats it
     common = {"factors": hp["factors"], "regularization": hp["regularization"], "iterations": hp["epochs"],
-              "random_state": settings["seed"], "num_threads": 1}  # one thread: reproducible updates
+              "random_state": settings.run.seed, "num_threads": 1}  # one thread: reproducible updates
     if name == "bpr":
         model = BayesianPersonalizedRanking(learning_rate=hp["learning_rate"], **common)
     else:
@@ -166,8 +166,8 @@ def sasrec(settings: Settings, out: str | Path) -> dict:
     evaluator, recorder = _open(settings, out)
     hp = LIBRARY_BASELINES["sasrec"][1]
     n = evaluator.split.num_items
-    torch.manual_seed(settings["seed"])
-    rng = get_rng(settings["seed"])
+    torch.manual_seed(settings.run.seed)
+    rng = get_rng(settings.run.seed)
     data = _sequences(evaluator.split, n)
     model = SASRecModel(item_num=n, embedding_dim=hp["embedding_dim"], maxlen=hp["max_len"], n_layers=hp["num_blocks"],
                         n_heads=hp["num_heads"], use_pos_emb=True, use_biases=False, dropout=hp["dropout"], pad_idx=n,

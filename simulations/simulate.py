@@ -43,8 +43,8 @@ def check_inputs(settings: Settings) -> None:
     try:
         data, _ = dataset(settings.data)
         sites = partition_users(
-            data, settings.num_sites, settings["partition"], settings["partition-column"] or None,
-            settings["dirichlet-alpha"], settings["seed"],
+            data, settings.num_sites, settings.split.partition, settings.split.partition_column,
+            settings.split.dirichlet_alpha, settings.run.seed,
         )
     except DataError as err:
         raise ConfigError(str(err)) from None
@@ -56,9 +56,9 @@ def check_inputs(settings: Settings) -> None:
         )
     from common.encoder import resolve_model_path
 
-    path = resolve_model_path(settings["model"])
+    path = resolve_model_path(settings.model.model)
     if not Path(path).exists():
-        raise ConfigError(f"model: {settings['model']!r} is not a folder on this machine (nothing is downloaded)")
+        raise ConfigError(f"model: {settings.model.model!r} is not a folder on this machine (nothing is downloaded)")
 
 
 @interrupt_on_signals()  # SIGTERM, like Ctrl-C, ends in the finally below that stops Flower's processes
@@ -100,7 +100,7 @@ def simulate(
     home = out / ".flwr"
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    gpus = 1 if settings["device"] != "cpu" and _cuda() else 0
+    gpus = 1 if settings.train.device != "cpu" and _cuda() else 0
     (home / "config.toml").write_text(
         tomli_w.dumps(
             {

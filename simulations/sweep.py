@@ -239,7 +239,7 @@ def sweep(
     write_csv(rows, out / "sweep.csv")
     settings = Settings.from_config(dict(config))
     plot(rows, out / "privacy_utility.png",
-         f"{settings['dataset']}: {settings.num_sites} sites, {settings.rounds} rounds × {settings['local-steps']} steps")
+         f"{settings.data.dataset}: {settings.num_sites} sites, {settings.rounds} rounds × {settings.train.local_steps} steps")
     (out / "sweep.json").write_text(json.dumps({"config": config, "epsilons": [eps_label(e) for e in epsilons],
                                                 "seeds": seeds, "baselines": list(baselines)}, indent=1))
     log(f"ran {len(ran)} cell(s), skipped {len(skipped)} finished, left out {len(missing)} unfinished; "

@@ -199,7 +199,7 @@ def test_ml100k_config_with_the_shared_copy(ml100k_dir):
     settings = Settings.from_config(config | {"data-path": str(ml100k_dir)})
     data = load(settings.data)
     assert len(data.user_ids) == 943
-    sites = partition_users(data, settings.num_sites, settings["partition"], column=settings["partition-column"])
+    sites = partition_users(data, settings.num_sites, settings.split.partition, column=settings.split.partition_column)
     assert len(sites) == 10 and all(len(s) > 0 for s in sites)
 
 
