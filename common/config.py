@@ -94,9 +94,6 @@ class Settings:
     def rounds(self) -> int:
         return self.server.num_server_rounds
 
-    def __getitem__(self, key: str):
-        return self.values[key]
-
     @classmethod
     def from_config(cls, config: dict | None = None) -> Settings:
         config = dict(config or {})
