@@ -124,6 +124,11 @@ class Settings:
         return math.isfinite(self.privacy.epsilon)
 
     def as_dict(self) -> dict:
+        """The checked values by key, as a run config writes them (simulate's run_config.toml).
+
+        >>> Settings.from_config({"data-path": ""}).as_dict()["data-path"]  # not the parsed None
+        ''
+        """
         return dict(self.values)
 
 

@@ -46,12 +46,20 @@ def setting(key: str, default, help: str, *, choices: tuple | None = None, minim
 
 
 def derived(key: str, default):
-    """A field filled from another group's ``key`` (declared there, not here)."""
+    """A field filled from another group's ``key`` (declared there, not here).
+
+    >>> fields(TrainSettings)[-1].metadata["from"]  # the run's seed
+    'seed'
+    """
     return field(default=default, metadata={"from": key})
 
 
 def group(cls):
-    """A field holding a nested group, e.g. the LoRA settings inside the model settings."""
+    """A field holding a nested group, e.g. the LoRA settings inside the model settings.
+
+    >>> ModelSettings().lora.rank
+    4
+    """
     return field(default_factory=cls, metadata={"group": cls})
 
 
