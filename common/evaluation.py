@@ -9,7 +9,7 @@ import torch
 from .adapter import load_trainable_state, trainable_state
 from .config import Settings
 from .examples import EvalRows, evaluation_rows, target_rows
-from .site import dataset, shared_model
+from .site import build_model, dataset
 from .training import rank_of_targets, rankable_items, ranking_metrics, resolve_device, with_lower_states
 
 
@@ -70,10 +70,15 @@ class CentralEvaluator(HeldOutUsers):
     """
 
     def __init__(self, settings: Settings, model=None):
-        """``model``: score this model (e.g. one restored from a run folder) instead of the
-        process's shared one."""
+        """``model``: score this model (e.g. one restored from a run folder) instead of one
+        built here; either way the evaluator is its only user."""
         super().__init__(settings)
-        self.model = shared_model(settings, self.data) if model is None else model
+        self.model = build_model(settings, self.data) if model is None else model
+        # what a run starts from, kept apart from what is loaded into the model later
+        # (a sweep's baselines train this model one after the other); the prior's weight
+        # trains only once a prior is installed, so it is kept whether it trains now or not
+        weight = self.model.prior_weight.weight.detach().cpu().numpy().copy()
+        self._initial = trainable_state(self.model) | {"prior_weight.weight": weight}
         self.device = resolve_device(settings.train.device)
         self.rows = {which: self._rows(which) for which in ("valid", "test")}
 
@@ -84,7 +89,9 @@ class CentralEvaluator(HeldOutUsers):
         return EvalRows(with_lower_states(self.model, rows.dataset), rows.exclude)
 
     def initial_state(self) -> dict[str, np.ndarray]:
-        return trainable_state(self.model)
+        """The untrained values of the parameters that train now (a prior installed since adds
+        its weight), whatever state was loaded into the model since it was built."""
+        return {k: self._initial[k].copy() for k in trainable_state(self.model)}
 
     def __call__(self, state: dict[str, np.ndarray]) -> dict[str, float]:
         """``valid/…`` and ``test/…`` metrics of ``state``; the unprefixed keys are test."""

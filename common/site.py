@@ -1,12 +1,16 @@
 """What a partner site does, independent of Flower: find its users, train a round
 under its own privacy ledger, evaluate on its own validation users.
 
-A process keeps one :class:`Site` per site (rows tokenised and lower layers cached
-once, the model built once), so later rounds cost only the training itself.
+Who owns what: a :class:`SiteHost` owns the sites it opened and the one model they take
+turns on; :data:`PROCESS_SITES` is the process's (a Ray actor serves messages for any
+simulated site, so its sites keep their rows, lower-layer states included, across rounds
+and the model is built once). The central evaluator builds and owns its own model (:func:`build_model`);
+nothing mutable is shared between the two.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from dataclasses import dataclass
@@ -24,46 +28,77 @@ from .privacy import BudgetExhausted, PrivacySettings, TooFewUsers
 from .site_cache import SiteCache, model_files
 from .training import evaluate, resolve_device, train_local, with_lower_states
 
-_LOCK = threading.Lock()
-_DATA: dict = {}
-_MODELS: dict = {}
-_SITES: dict = {}
-_PARTITIONS: dict = {}
 
-
+@functools.lru_cache(maxsize=2)
 def dataset(spec: DataSpec) -> tuple[Interactions, Split]:
-    """Load and split once per process."""
-    with _LOCK:
-        if spec not in _DATA:
-            data = load(spec)
-            _DATA[spec] = (data, leave_one_out(data))
-        return _DATA[spec]
+    """Load and split once per process; read-only: every caller gets the same objects."""
+    data = load(spec)
+    return data, leave_one_out(data)
 
 
-def shared_model(settings: Settings, data: Interactions) -> Recommender:
-    """One model per process and model settings; each round loads the global state into it."""
-    key = (settings.model, data.fingerprint())
-    with _LOCK:
-        if key not in _MODELS:
-            torch.manual_seed(settings.train.seed)
-            model = Recommender.build(settings.model, list(data.catalogue.texts))
-            _MODELS[key] = model.to(resolve_device(settings.train.device))
-        return _MODELS[key]
+def build_model(settings: Settings, data: Interactions) -> Recommender:
+    """A fresh model on the run's device. Seeded: every site and the server build the same
+    frozen weights (FFA-LoRA's A included), so only the trainable state needs to travel.
+
+    Example::
+
+        model = build_model(settings, data)  # the bank comes from the on-disk cache (common/bank.py)
+    """
+    torch.manual_seed(settings.train.seed)
+    return Recommender.build(settings.model, list(data.catalogue.texts)).to(resolve_device(settings.train.device))
 
 
 def site_users(settings: Settings, data: Interactions, site: int, num_sites: int) -> np.ndarray:
-    """The users of simulated site ``site`` out of ``num_sites`` (partitioned once per process)."""
-    key = (data.fingerprint(), num_sites, settings.split.partition, settings.split.partition_column,
-           settings.split.dirichlet_alpha, settings.run.seed)
+    """The users of simulated site ``site`` out of ``num_sites``."""
+    return _partition(settings, data, num_sites)[site]
+
+
+def _partition(settings: Settings, data: Interactions, num_sites: int) -> list[np.ndarray]:
     from .partition import partition_users  # flwr-datasets: only simulated sites partition
 
-    with _LOCK:
-        if key not in _PARTITIONS:
-            _PARTITIONS[key] = partition_users(
-                data, num_sites, settings.split.partition, settings.split.partition_column,
-                settings.split.dirichlet_alpha, settings.run.seed,
-            )
-        return _PARTITIONS[key][site]
+    return partition_users(data, num_sites, settings.split.partition, settings.split.partition_column,
+                           settings.split.dirichlet_alpha, settings.run.seed)
+
+
+class SiteHost:
+    """The sites one process serves, reused across messages, and the model they share.
+
+    Sharing one model between a host's sites is safe because every request loads the
+    global state (and the prior) into it before use; the host never hands it to anyone
+    else. Thread-safe: Flower may run messages of one process concurrently.
+
+    >>> SiteHost().sites
+    {}
+    """
+
+    def __init__(self):
+        self.sites: dict[tuple, Site] = {}
+        self._models: dict[tuple, Recommender] = {}
+        self._partitions: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def open(self, settings: Settings, site: int, num_sites: int, spec: DataSpec | None = None,
+             cache: SiteCache | None = None) -> Site:
+        """Simulation (``spec`` None: partition the run's dataset) or deployment (``spec``:
+        the site's own files; all their users are the site's; ``cache``: where the rows
+        derived from them are kept between messages)."""
+        key = (json.dumps(settings.as_dict(), sort_keys=True, default=str), site, num_sites, spec)
+        with self._lock:
+            if key not in self.sites:
+                data, split = dataset(spec or settings.data)
+                if spec:
+                    users = np.arange(len(data.user_ids))
+                else:
+                    part = (data.fingerprint(), num_sites, settings.split.partition, settings.split.partition_column,
+                            settings.split.dirichlet_alpha, settings.run.seed)
+                    if part not in self._partitions:
+                        self._partitions[part] = _partition(settings, data, num_sites)
+                    users = self._partitions[part][site]
+                model_key = (settings.model, data.fingerprint())
+                if model_key not in self._models:
+                    self._models[model_key] = build_model(settings, data)
+                self.sites[key] = Site(f"site-{site}", settings, data, split, users, self._models[model_key], cache)
+            return self.sites[key]
 
 
 @dataclass
@@ -81,22 +116,10 @@ class Site:
     _valid_rows: EvalRows | None = None
 
     @classmethod
-    def open(cls, settings: Settings, site: int, num_sites: int, spec: DataSpec | None = None, cache: SiteCache | None = None):
-        """Simulation (``spec`` None: partition the run's dataset) or deployment (``spec``:
-        the site's own files; all their users are the site's; ``cache``: where the rows
-        derived from them are kept between messages)."""
-        key = (json.dumps(settings.as_dict(), sort_keys=True), site, num_sites, spec)
-        with _LOCK:
-            cached = _SITES.get(key)
-        if cached:
-            return cached
-        data, split = dataset(spec or settings.data)
-        users = np.arange(len(data.user_ids)) if spec else site_users(settings, data, site, num_sites)
-        model = shared_model(settings, data)
-        made = cls(f"site-{site}", settings, data, split, users, model, cache)
-        with _LOCK:
-            _SITES[key] = made
-        return made
+    def open(cls, settings: Settings, site: int, num_sites: int, spec: DataSpec | None = None,
+             cache: SiteCache | None = None) -> Site:
+        """This process's site ``site`` (:data:`PROCESS_SITES`, :meth:`SiteHost.open`)."""
+        return PROCESS_SITES.open(settings, site, num_sites, spec, cache)
 
     def _rows(self, which: str, compute) -> dict[str, torch.Tensor]:
         if self.cache is None:
@@ -171,3 +194,8 @@ class Site:
 
         load_trainable_state(self.model, state)
         return evaluate(self.model, self.valid_rows(), resolve_device(self.settings.train.device))
+
+
+# The sites this process serves: a Ray actor's or a site worker's, reused across messages.
+# Only sites use it; the central evaluator and the baselines' pooled models are built apart.
+PROCESS_SITES = SiteHost()

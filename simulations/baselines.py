@@ -40,7 +40,6 @@ from simulations.library_baselines import LIBRARY_BASELINES, require, run_librar
 
 BASELINES = ("popularity", "zeroshot", "centralized", "local", *LIBRARY_BASELINES)
 _EVALUATORS: dict[str, CentralEvaluator] = {}
-_PRISTINE: dict[int, dict] = {}
 
 
 class PopularityScorer(torch.nn.Module):
@@ -101,11 +100,9 @@ def _open(settings: Settings, out: str | Path) -> tuple[CentralEvaluator, RunRec
         _EVALUATORS.clear()
         _EVALUATORS[key] = CentralEvaluator(settings)
     evaluator = _EVALUATORS[key]
-    # The model object is shared per process (common.site.shared_model) and keeps the last
-    # state loaded into it: every baseline starts from the state it had when first seen here.
-    evaluator.model.set_prior(np.zeros(len(evaluator.data.catalogue)))  # no prior left from another baseline
-    pristine = _PRISTINE.setdefault(id(evaluator.model), evaluator.initial_state())
-    evaluator.initial_state = lambda: dict(pristine)
+    # The evaluator owns its model and a sweep's baselines train it in turn; each starts from
+    # evaluator.initial_state(), the model as built, with no prior left from another baseline.
+    evaluator.model.set_prior(np.zeros(len(evaluator.data.catalogue)))
     return evaluator, RunRecorder.open(out, settings)
 
 

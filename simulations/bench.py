@@ -39,7 +39,7 @@ from common.examples import training_rows
 from common.files import atomic_write_json
 from common.ledger import PrivacyLedger
 from common.model import Recommender
-from common.site import Site, dataset
+from common.site import Site, SiteHost, dataset
 from common.training import with_lower_states
 from deploy.processes import interrupt_on_signals
 from simulations.step_numbers import measure_step, parameter_counts
@@ -82,7 +82,8 @@ def bare_loop(settings: Settings) -> tuple[float, dict]:
 
     start = time.perf_counter()
     evaluator = CentralEvaluator(settings)
-    sites = [Site.open(settings, i, settings.num_sites) for i in range(settings.num_sites)]
+    host = SiteHost()  # as one ClientApp actor serves them; freed with the loop, before the Flower arm is measured
+    sites = [host.open(settings, i, settings.num_sites) for i in range(settings.num_sites)]
     p = settings.privacy
     with tempfile.TemporaryDirectory() as folder:
 

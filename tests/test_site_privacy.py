@@ -316,7 +316,7 @@ def test_a_deployed_site_derives_its_rows_once_across_messages(flower_task, site
     monkeypatch.setattr(common.site, "with_lower_states", lambda model, rows: computed.append(len(rows)) or real(model, rows))
 
     def fresh_process():  # what Flower does for every message in deployment
-        common.site._SITES.clear()
+        monkeypatch.setattr(common.site, "PROCESS_SITES", common.site.SiteHost())
 
     state = _global_state(site_files, run)
     first = _train(site_files, run, state, **{"run-token": "c", "run-round": 1})
