@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.errors import fail, run_errors
+from cli.progress import RunProgress, round_line
 
 console = Console()
 
@@ -23,13 +23,7 @@ def run_config(config: Path | None, overrides: list[str]) -> dict:
 
 
 def show_round(progress: dict) -> None:
-    loss = progress.get("train_loss")  # None or NaN under DP: a site's training loss does not leave it
-    shown = f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "–"
-    console.print(
-        f"round {progress['round']:>3}  sites {progress['sites']:>3}  loss {shown}  "
-        f"ε {progress['epsilon']:.3f}  NDCG@10 {progress['ndcg@10']:.4f}  HR@10 {progress['hr@10']:.4f}  "
-        f"{progress['seconds']:.0f}s"
-    )
+    console.print(round_line(progress), soft_wrap=True)
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Run-config TOML (e.g. configs/tiny.toml).")]
@@ -47,8 +41,9 @@ def simulate(
     """Run a federated simulation in the foreground; results go to --out."""
     from simulations.simulate import simulate as run
 
-    with run_errors():
-        summary = run(run_config(config, set_), out, resume=resume, overwrite=overwrite, on_progress=show_round)
+    with run_errors(), RunProgress(console) as shown:
+        summary = run(run_config(config, set_), out, resume=resume, overwrite=overwrite, on_progress=shown.round,
+                      on_event=shown.event)
     best = summary["best_validation"]
     console.print(
         f"done in {summary['wall_seconds']:.0f}s: final NDCG@10 {summary['final']['ndcg@10']:.4f}, "

@@ -30,6 +30,7 @@ from client.node import NodeConfig
 from common.config import Settings
 from common.ledger import PrivacyLedger
 from common.privacy import BudgetExhausted, PolicyRefused, PrivacyError, PrivacySettings, SitePolicy
+from common.progress import ProgressLog
 from common.site import Site
 from common.site_cache import SiteCache
 from common.transport import from_array_record, to_array_record
@@ -162,8 +163,12 @@ def train(msg: Message, context: Context) -> Message:
             return _reply(msg, {"arrays": to_array_record(state, fp16=fp16)}, metrics, accountant=privacy.accountant)
         _install_prior(site, msg)
         rounds_left = max(1, int(config["num-rounds"]) - run_round + 1)
+        # in simulation the run folder shows the site's steps as they happen; a deployed site writes none
+        events = ProgressLog(None if node.deployed else site.settings.run.out_dir, site.name)
+        events.note("starting", round=run_round)
         with _ledger(site, node, policy, privacy, context, token) as ledger:
-            new_state, result = site.train(from_array_record(msg.content["arrays"]), ledger, privacy, rounds_left)
+            new_state, result = site.train(from_array_record(msg.content["arrays"]), ledger, privacy, rounds_left,
+                                           progress=events.steps(run_round))
             sigma = float(ledger.noise_multiplier or 0.0)
             metrics = _facts(node, ledger) | {"steps": int(result["steps"]), "noise_multiplier": sigma}
             if result["refused"]:

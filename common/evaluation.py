@@ -3,6 +3,8 @@ the metrics of the README. Shared by the ServerApp, the baselines and ``common.r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -69,10 +71,15 @@ class CentralEvaluator(HeldOutUsers):
     stated in docs/DESIGN.md, "Evaluation protocol"); in deployment it evaluates on a server-side dataset.
     """
 
-    def __init__(self, settings: Settings, model=None):
+    def __init__(self, settings: Settings, model=None, on_phase: Callable[[str], object] | None = None):
         """``model``: score this model (e.g. one restored from a run folder) instead of one
-        built here; either way the evaluator is its only user."""
+        built here; either way the evaluator is its only user. ``on_phase(text)``: told as
+        each slow step starts (the ServerApp's progress events)."""
+        on_phase = on_phase or (lambda _: None)
+        on_phase("loading data")
         super().__init__(settings)
+        if model is None:
+            on_phase("building the model and the item bank")
         self.model = build_model(settings, self.data) if model is None else model
         # what a run starts from, kept apart from what is loaded into the model later
         # (a sweep's baselines train this model one after the other); the prior's weight
@@ -80,6 +87,7 @@ class CentralEvaluator(HeldOutUsers):
         weight = self.model.prior_weight.weight.detach().cpu().numpy().copy()
         self._initial = trainable_state(self.model) | {"prior_weight.weight": weight}
         self.device = resolve_device(settings.train.device)
+        on_phase(f"encoding the {len(self.users)} evaluation users (validation and test)")
         self.rows = {which: self._rows(which) for which in ("valid", "test")}
 
     def _rows(self, which: str) -> EvalRows:

@@ -17,8 +17,10 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import Settings
 from common.evaluation import CentralEvaluator, set_server_threads
 from common.prior import log_prior
+from common.progress import ROUND_RECORDED, ProgressLog
 from common.transport import from_array_record, to_array_record
 from server import central_dp
+from server.grid import PromptGrid
 from server.recorder import RunRecorder
 from server.strategy import BudgetAwareFedAvg, RunFailed, ScreenedRounds, SiteRoster, collect_counts, derived_update_bound
 from server.warm_start import warm_start
@@ -32,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     set_server_threads()
     recorder = RunRecorder.open(settings.run.out_dir or "runs/latest", settings)
     try:
-        federate(grid, settings, recorder)
+        federate(PromptGrid(grid), settings, recorder)
     except RunFailed as err:
         recorder.fail(str(err))
         log(logging.ERROR, "fedenc run failed: %s", err)
@@ -40,7 +42,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
-    evaluator = CentralEvaluator(settings)
+    events = ProgressLog(recorder.out, "server")  # what fedenc simulate shows while the run starts
+    evaluator = CentralEvaluator(settings, on_phase=events.note)
     catalogue = evaluator.data.catalogue
     identity = {"run-token": recorder.run_token, "catalogue": catalogue.fingerprint()}
     roster = SiteRoster(settings.num_sites, settings.server.min_sites, settings.server.wait_for_sites)
@@ -48,6 +51,7 @@ def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
     if settings.prior.share > 0:
         prior = recorder.saved_prior()
         if prior is None:
+            events.note("popularity prior: the sites release their item counts")
             query = ConfigRecord({"task": "popularity-prior"} | identity)
             counts, reports, prior_round = collect_counts(grid, roster, query, len(catalogue), settings.server.round_timeout)
             recorder.record_sites([r | {"stage": "prior"} for r in reports])
@@ -77,19 +81,25 @@ def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
 
     def central_evaluation(server_round: int, arrays) -> MetricRecord:
         rnd = recorder.start_round + server_round
+        events.note("central evaluation", round=rnd)
         current = from_array_record(arrays)
         recorder.releases = list(getattr(trainer, "releases", []))  # kept by the checkpoint for --resume
         metrics = evaluator(current) | {"central_epsilon": central_dp.central_epsilon(settings, recorder.releases)}
-        if server_round == 0 and recorder.start_round > 0:
+        if server_round == 0 and recorder.start_round > 0:  # resumed: this round was recorded before
+            if rnd < settings.rounds:
+                events.note("sites training", round=rnd + 1)
             return MetricRecord({k: float(v) for k, v in metrics.items()})
         recorder.record_sites(rounds.site_reports)
         rounds.site_reports = []
         taken = rounds.last_round if server_round else prior_round
         line = recorder.round_done(rnd, metrics, taken.line() if taken else {}, evaluator.model, current)
+        events.note(ROUND_RECORDED, round=rnd)  # its line is in metrics.jsonl now
         progress = {k: line[k] for k in ("round", "ndcg@10", "hr@10", "epsilon", "train_loss", "sites", "seconds")}
         log(logging.INFO, "fedenc %s", json.dumps({"progress": progress}))
         if server_round:
             rounds.check_progress(rnd)
+        if rnd < settings.rounds:
+            events.note("sites training", round=rnd + 1)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     result = rounds.start(

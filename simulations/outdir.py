@@ -22,7 +22,7 @@ from server.recorder import usable_checkpoint
 
 # Every file and folder a simulation run leaves in its output folder.
 RUN_FILES = ("metrics.jsonl", "summary.json", "adapter", "checkpoint", "ledgers", "flower.log", "run_config.toml",
-             "prior.npy", "run.json", "failure.json", ".flwr", "MODEL_CARD.md", "report.png")
+             "prior.npy", "run.json", "failure.json", ".flwr", "MODEL_CARD.md", "report.png", "progress.jsonl")
 _ASIDE = ".replaced-"  # prefix of the folder holding a run being replaced
 
 

@@ -3,9 +3,11 @@
 Flower's ``flwr run .`` leaves a detached SuperLink behind, exits 0 when the run
 failed and installs dependencies at run time. This driver instead starts its own
 SuperLink (simulation runtime, loopback, a free port, runtime installs off), keeps
-Flower's home and Ray's temp folder inside the run, streams progress, stops the
-SuperLink it started by process group, and exits non-zero unless the ServerApp wrote
-its summary — the last thing a successful run does.
+Flower's home and Ray's temp folder inside the run, follows the run's progress in its
+folder (``progress.jsonl``: phases and site steps, common/progress.py; ``metrics.jsonl``:
+finished rounds) rather than Flower's log, stops the SuperLink it started by process
+group, and exits non-zero unless the ServerApp wrote its summary — the last thing a
+successful run does.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from pathlib import Path
 import tomli_w
 
 from common.config import ConfigError, Settings
+from common.progress import EVENTS, ROUND_RECORDED, Follower
 from deploy.processes import flower_env, free_port, interrupt_on_signals, last_error, stop_tree, uninterrupted, wait_healthy
 from server.recorder import FAILURE
 from simulations.outdir import RUN_FILES, Replaced, check_out_path, check_reuse, settle
 
 PROJECT = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml lives here
+POLL_SECONDS = 0.5  # how often the run folder's progress files are read
 
 
 class SimulationFailed(RuntimeError):
@@ -70,13 +74,15 @@ def simulate(
     on_progress: Callable[[dict], None] | None = None,
     timeout: float | None = None,
     app: str | Path = PROJECT,
+    on_event: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run one simulation with run-config ``config`` into ``out``; return its summary.
 
     Inputs (settings, data, model, the ``out`` path) are checked before ``out`` is
     touched; ``overwrite`` removes the previous run only once this one has started
     (simulations/outdir.py). ``app``: the Flower app folder (tests pass one whose sites
-    misbehave).
+    misbehave). ``on_progress(line)``: each round's ``metrics.jsonl`` line once it is written;
+    ``on_event(event)``: each phase as it starts (common/progress.py), from the first second.
 
     Example::
 
@@ -97,6 +103,14 @@ def simulate(
     (out / FAILURE).unlink(missing_ok=True)  # a reason left by an earlier attempt is not this run's
     summary_before = _stamp(out / "summary.json")  # a resumed finished run keeps its summary until replaced
 
+    shown = {line["round"] for line in Follower(out / "metrics.jsonl")()} if resume else set()
+    (out / EVENTS).unlink(missing_ok=True)  # the events of an earlier attempt are not this run's
+
+    def tell(phase: str, **fields) -> None:
+        if on_event:
+            on_event({"t": time.time(), "source": "driver", "phase": phase} | fields)
+
+    tell("starting Flower", rounds=settings.rounds, sites=settings.num_sites)
     home = out / ".flwr"
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -139,27 +153,30 @@ def simulate(
             wait_healthy(f"http://127.0.0.1:{port}/health", superlink)
         except (TimeoutError, ChildProcessError) as err:
             raise SimulationFailed(f"{err}; see {link_log}") from None
+        tell("submitting the run to Flower")
         with open(log_path, "w") as log:
             run = subprocess.Popen(
                 ["flwr", "run", str(app), "fedenc", "--run-config", str(run_config), "--stream"],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-            deadline = time.monotonic() + timeout if timeout else None
-            shown = set()  # Flower echoes each log line twice (console and file formats)
-            for line in run.stdout:
-                log.write(line)
-                if "fedenc {" in line:
-                    progress = json.loads(line[line.index("fedenc {") + 7 :])["progress"]
-                    if replaced is not None:  # the new run has started: the old one goes
-                        replaced.discard()
-                        replaced = None
-                    if progress["round"] not in shown and on_progress:
-                        shown.add(progress["round"])
-                        on_progress(progress)
-                if deadline and time.monotonic() > deadline:
-                    stop_tree(run)
-                    raise SimulationFailed(f"the run took longer than {timeout:.0f}s; see {log_path}")
-            run.wait()
+        deadline = time.monotonic() + timeout if timeout else None
+        follow_events, follow_rounds = Follower(out / EVENTS), Follower(out / "metrics.jsonl")
+        while True:
+            try:
+                run.wait(timeout=POLL_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+            for event in follow_events():
+                if event.get("phase") == ROUND_RECORDED:  # in order: the round's line comes among the events
+                    replaced = _new_rounds(follow_rounds, shown, replaced, on_progress)
+                elif on_event:
+                    on_event(event)
+            replaced = _new_rounds(follow_rounds, shown, replaced, on_progress)
+            if run.poll() is not None:
+                break
+            if deadline and time.monotonic() > deadline:
+                stop_tree(run)
+                raise SimulationFailed(f"the run took longer than {timeout:.0f}s; see {log_path}")
     finally:
         with uninterrupted():  # a second Ctrl-C must not leave half the tree running
             for proc in (run, superlink):  # the flwr client first: it follows the SuperLink's run
@@ -172,6 +189,21 @@ def simulate(
             replaced.restore()
         raise SimulationFailed(f"the run failed: {_failure(out, log_path, run.returncode)} (see {log_path})")
     return json.loads(summary_path.read_text())
+
+
+def _new_rounds(follow: Follower, shown: set, replaced: Replaced | None, on_progress) -> Replaced | None:
+    """Hand each newly recorded round's line to ``on_progress`` once; the first one of this run
+    means it has started, so a run being replaced goes (returns what is still to replace)."""
+    for line in follow():
+        if line.get("round") in shown:  # a resumed run rewrites the rounds it keeps
+            continue
+        shown.add(line["round"])
+        if replaced is not None:
+            replaced.discard()
+            replaced = None
+        if on_progress:
+            on_progress(line)
+    return replaced
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

@@ -82,6 +82,7 @@ def finished_run(tiny_bert, sim_cache, tmp_path_factory) -> Path:
                   cache=sim_cache)
     assert proc.returncode == 0, explain(proc)
     assert "round   2" in proc.stdout, explain(proc)  # progress is shown per round
+    (out.parent / "stdout.txt").write_text(proc.stdout)  # for test_progress_from_the_first_seconds
     return out
 
 
@@ -104,6 +105,28 @@ def test_metrics_per_round(finished_run):
         assert row["sites"] == 2 and row["refused"] == 0
     # ε composes over rounds and stays within the target
     assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"] <= TARGET_EPSILON + 1e-9
+
+
+def test_progress_from_the_first_seconds(finished_run):
+    """Off a terminal, one line per event in the order things happen: Flower starting, the
+    server's phases before round 0, each site's round, each round's numbers once recorded;
+    progress.jsonl holds every site step and nothing but the public schedule."""
+    lines = (finished_run.parent / "stdout.txt").read_text().splitlines()
+
+    def at(text: str) -> int:
+        found = [i for i, line in enumerate(lines) if text in line]
+        assert found, (text, lines)
+        return found[0]
+
+    expected = ["driver: starting Flower", "server: loading data", "server: building the model and the item bank",
+                "server: encoding the 200 evaluation users", "server: central evaluation, round 0", "round   0  sites",
+                "site-0: round 1 starting", "site-0: round 1 trained (2 steps)", "server: central evaluation, round 1",
+                "round   1  sites", "round   2  sites"]
+    assert [at(text) for text in expected] == sorted(at(text) for text in expected), lines
+    events = [json.loads(line) for line in (finished_run / "progress.jsonl").read_text().splitlines()]
+    steps = sorted((e["source"], e["round"], e["step"]) for e in events if e["phase"] == "training")
+    assert steps == [(f"site-{s}", r, k) for s in (0, 1) for r in (1, 2) for k in (1, 2)]
+    assert all(set(e) <= {"t", "source", "phase", "round", "step", "steps"} for e in events), events
 
 
 def test_summary(finished_run):
@@ -206,6 +229,7 @@ def test_resume_continues_without_repeating(finished_run, tiny_bert, sim_cache, 
         "--resume", "--out", str(out), cache=sim_cache,
     )
     assert proc.returncode == 0, explain(proc)
+    assert "round   3  sites" in proc.stdout and "round   2  sites" not in proc.stdout, explain(proc)  # new rounds only
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]  # rounds 1-2 were not repeated
     assert (out / "metrics.jsonl").read_text().splitlines()[:3] == before  # earlier lines kept as they were
