@@ -197,9 +197,13 @@ class Recommender(nn.Module):
         if self.encoder.split == 0:
             return ids
         device = self.bank.device
-        out = [self.encoder.lower(ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device)).cpu()
-               for i in range(0, len(ids), batch_size)]
-        return torch.cat(out)
+        out = None  # filled in place: a list of batches then torch.cat would hold every state twice
+        for i in range(0, len(ids), batch_size):
+            states = self.encoder.lower(ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
+            if out is None:
+                out = torch.empty((len(ids), *states.shape[1:]), dtype=states.dtype)
+            out[i : i + len(states)] = states.cpu()
+        return out if out is not None else torch.empty((0, ids.shape[1], self.bank.shape[1]))
 
     def forward(self, **batch) -> torch.Tensor:
         """Per-user losses (B,), so an Opacus-wrapped model can be called with the batch."""
