@@ -144,8 +144,8 @@ def bench(
     set_: SetOpt = None,
     sites: Annotated[str, typer.Option(help="Site counts for the scale test, comma-separated.")] = "100,1000",
     parts: Annotated[str, typer.Option(help="Parts to run: steps, eval, overhead, scale.")] = "steps,eval,overhead,scale",
-    time_limit: Annotated[float, typer.Option(min=0, help="Seconds for the whole bench; later parts are left out "
-                                                          "and a simulation is stopped when they run out (0: none).")] = 1200,
+    time_limit: Annotated[float, typer.Option(min=0, help="Seconds for the whole bench: the part running when they "
+                                                          "run out is stopped and later ones left out (0: none).")] = 1200,
 ) -> None:
     """Measure DP vs non-DP steps, bytes sent, framework overhead, memory and scale; writes bench.json
     (after every part: an interrupted or timed-out bench keeps what finished)."""
@@ -175,6 +175,6 @@ def bench(
     console.print("  ".join(shown) + f"; {out}/bench.json")
     ran = result["parts"]
     if not ran["complete"]:
-        typer.echo(f"error: bench.json is partial: ran {', '.join(ran['done']) or 'nothing'}; "
-                   f"left out {', '.join(ran['skipped'])} (time limit {time_limit:.0f} s)", err=True)
+        typer.echo(f"error: bench.json is partial ({ran['stopped'] or 'time limit'}): ran {', '.join(ran['done']) or 'nothing'}; "
+                   f"left out {', '.join(ran['skipped']) or 'nothing'}", err=True)
         raise typer.Exit(1)

@@ -19,12 +19,15 @@ keeps what finished and says which parts ran.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
+import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -220,7 +223,7 @@ def bench(config: dict, out: str | Path, site_counts=(100, 1000), step_batches=(
     ``bench.json`` is rewritten after every part and when a signal or a failure stops one, so an
     interrupted bench leaves what finished; its ``parts`` entry says which parts ran (``done``),
     which were left out for ``time_limit`` (seconds for the whole bench: a part starts only while
-    time is left, and a simulation is stopped when it runs out), which one stopped and why
+    time is left, and the part running when it runs out is stopped), which one stopped and why
     (``stopped``), and whether every requested part ran (``complete``).
 
     Example::
@@ -241,21 +244,27 @@ def bench(config: dict, out: str | Path, site_counts=(100, 1000), step_batches=(
         return None if deadline is None else deadline - time.monotonic()
 
     measure = {
-        "steps": lambda: _steps(settings, result, step_batches, progress),
-        "eval": lambda: _evaluation(settings, result, progress),
+        "steps": lambda: _steps(settings, result, step_batches, progress, left()),
+        "eval": lambda: _evaluation(settings, result, progress, left()),
         "overhead": lambda: _overhead(config, settings, out, result, progress, left()),
         "scale": lambda: _scale(config, out, result, tuple(site_counts), progress, left),
     }
+
     def save() -> None:
         atomic_write_json(out / "bench.json", result, indent=1)
 
     for name in ran["requested"]:
         if left() is not None and left() <= 0:
             ran["skipped"].append(name)
-            progress(f"{name}: skipped, the time limit ({time_limit:.0f} s) is spent")
+            progress(f"{name}: left out, the time limit ({time_limit:g} s) is spent")
             continue
         try:
             measure[name]()
+        except TimeLimit:  # the parts after it are left out
+            ran["stopped"] = f"{name}: the time limit ({time_limit:g} s) ran out"
+            progress(ran["stopped"])
+            save()
+            continue
         except BaseException as err:  # a signal or a failure: keep what finished, then let it end the run
             ran["stopped"] = f"{name}: {type(err).__name__}" + (f": {err}" if str(err) else "")
             result["machine"]["load_average_end"] = list(os.getloadavg())
@@ -275,9 +284,34 @@ def _machine() -> dict:
             "torch": torch.__version__, "cuda": torch.cuda.is_available()}
 
 
-def _steps(settings: Settings, result: dict, step_batches, progress) -> None:
+class TimeLimit(Exception):
+    """The bench's time limit ran out inside a part."""
+
+
+@contextlib.contextmanager
+def _within(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`TimeLimit` in the block once ``seconds`` have passed (None: never). For
+    in-process work only: a simulation gets a timeout instead, so that it stops its processes."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(*_) -> None:
+        raise TimeLimit
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _steps(settings: Settings, result: dict, step_batches, progress, time_left: float | None) -> None:
     torch.set_num_threads(1)  # as a simulated site runs
-    steps = step_table(settings, step_batches)
+    with _within(time_left):
+        steps = step_table(settings, step_batches)
     params = steps.pop("parameters")
     result["steps"] = steps
     for b, row in steps.items():
@@ -289,23 +323,30 @@ def _steps(settings: Settings, result: dict, step_batches, progress) -> None:
     progress(f"bytes: update {update:,} / full model {full:,} = 1/{full / update:.0f} (fp16 1/{2 * full / update:.0f})")
 
 
-def _evaluation(settings: Settings, result: dict, progress) -> None:
+def _evaluation(settings: Settings, result: dict, progress, time_left: float | None) -> None:
     torch.set_num_threads(1)  # as a simulated site runs
-    result["eval_users_per_s"] = eval_throughput(settings)
+    with _within(time_left):
+        result["eval_users_per_s"] = eval_throughput(settings)
     progress(f"evaluation: {result['eval_users_per_s']:.0f} users/s")
 
 
 def _overhead(config: dict, settings: Settings, out: Path, result: dict, progress, time_left: float | None) -> None:
-    from simulations.simulate import simulate
+    from simulations.simulate import SimulationFailed, simulate
 
     torch.set_num_threads(max(1, psutil.cpu_count() or 1))
-    bare_seconds, bare_metrics = bare_loop(settings)
+    with _within(time_left):
+        bare_seconds, bare_metrics = bare_loop(settings)
     result |= {"bare_loop_seconds": bare_seconds, "bare_loop_ndcg@10": bare_metrics["test/ndcg@10"]}
     progress(f"bare loop: {bare_seconds:.1f} s, NDCG@10 {bare_metrics['test/ndcg@10']:.4f}")
     timeout = None if time_left is None else max(1.0, time_left - bare_seconds)
     with TreeMemory() as mem:
         start = time.perf_counter()
-        summary = simulate(config, out / "simulate", overwrite=True, timeout=timeout)
+        try:
+            summary = simulate(config, out / "simulate", overwrite=True, timeout=timeout)
+        except SimulationFailed:
+            if timeout is not None and time.perf_counter() - start >= timeout:
+                raise TimeLimit from None
+            raise
         sim_seconds = time.perf_counter() - start
     result |= {
         "simulate_seconds": sim_seconds,

@@ -45,15 +45,23 @@ def test_sigterm_during_a_part_leaves_the_finished_parts_and_says_where_it_stopp
     assert saved["parts"]["stopped"].startswith("eval: Interrupted")
 
 
-def test_parts_left_out_at_the_time_limit_are_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_module, "step_table", fake_steps(seconds=0.3))
-    monkeypatch.setattr(bench_module, "eval_throughput", lambda settings: pytest.fail("ran past the time limit"))
-    result = bench_module.bench({}, tmp_path, step_batches=(8,), progress=lambda _: None, parts=("eval", "steps"),
-                                time_limit=0.1)
-    assert result["parts"]["requested"] == ["steps", "eval"]  # always in the order of PARTS
-    assert result["parts"]["done"] == ["steps"] and result["parts"]["skipped"] == ["eval"]
-    assert not result["parts"]["complete"] and result["parts"]["stopped"] is None
-    assert json.loads((tmp_path / "bench.json").read_text())["parts"] == result["parts"]
+def test_the_time_limit_stops_the_running_part_and_leaves_out_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_module, "step_table", fake_steps())
+
+    def slow(settings):
+        time.sleep(30)  # cut short by the limit
+        return 1.0
+
+    monkeypatch.setattr(bench_module, "eval_throughput", slow)
+    start = time.monotonic()
+    result = bench_module.bench({}, tmp_path, step_batches=(8,), progress=lambda _: None, parts=("scale", "eval", "steps"),
+                                time_limit=1.5)
+    assert time.monotonic() - start < 10
+    ran = result["parts"]
+    assert ran["requested"] == ["steps", "eval", "scale"]  # always in the order of PARTS
+    assert ran["done"] == ["steps"] and ran["skipped"] == ["scale"] and not ran["complete"]
+    assert ran["stopped"] == "eval: the time limit (1.5 s) ran out" and "eval_users_per_s" not in result
+    assert json.loads((tmp_path / "bench.json").read_text())["parts"] == ran
 
 
 def test_cli_bench_parts_and_partial_exit(tmp_path, monkeypatch):
@@ -63,7 +71,7 @@ def test_cli_bench_parts_and_partial_exit(tmp_path, monkeypatch):
     assert "dp_step_ratio 2.00" in done.output and json.loads((tmp_path / "a" / "bench.json").read_text())["parts"]["complete"]
     partial = CliRunner().invoke(app, ["bench", "--parts", "steps,eval", "--time-limit", "0.1", "--out", str(tmp_path / "b")])
     assert partial.exit_code == 1
-    assert "error: bench.json is partial: ran steps; left out eval" in partial.output
+    assert "error: bench.json is partial (steps: the time limit (0.1 s) ran out): ran nothing; left out eval" in partial.output
     wrong = CliRunner().invoke(app, ["bench", "--parts", "steps,nope", "--out", str(tmp_path / "c")])
     assert wrong.exit_code == 2 and "error: bench parts: nope" in wrong.output and not (tmp_path / "c").exists()
     with pytest.raises(ConfigError):
