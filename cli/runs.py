@@ -47,7 +47,8 @@ def simulate(
     best = summary["best_validation"]
     console.print(
         f"done in {summary['wall_seconds']:.0f}s: final NDCG@10 {summary['final']['ndcg@10']:.4f}, "
-        f"best round {summary['best_round']} (NDCG@10 {best['ndcg@10']:.4f}), ε {summary['epsilon']:.3f}; results in {out}"
+        f"best round {summary['best_round']} (NDCG@10 {best['ndcg@10']:.4f}), ε {summary['epsilon']:.3f}; results in {out}",
+        soft_wrap=True,  # one line in a log, whatever its width
     )
     from simulations.report import write_report
 
@@ -73,7 +74,8 @@ def baseline(
     console.print(
         f"{name}: NDCG@10 {best['ndcg@10']:.4f}  HR@10 {best['hr@10']:.4f}  MRR@10 {best['mrr@10']:.4f} "
         f"(test, best-validation round {summary['best_round']}); cold-start NDCG@10 {best['cold/ndcg@10']:.4f} "
-        f"over {best['cold/users']} users; ε {summary['epsilon']:.3f}; {summary['wall_seconds']:.0f}s; results in {out}"
+        f"over {best['cold/users']} users; ε {summary['epsilon']:.3f}; {summary['wall_seconds']:.0f}s; results in {out}",
+        soft_wrap=True,
     )
 
 
