@@ -20,7 +20,7 @@ from common.model import ModelSettings, Recommender
 from common.privacy import PrivacySettings
 from common.sequence_rows import sequence_rows
 from common.sequential import SequentialRecommender
-from common.training import TrainSettings, as_batch, evaluate, train_local
+from common.training import TrainSettings, _empty_batch, as_batch, evaluate, train_local
 
 HISTORY = 6
 
@@ -117,6 +117,17 @@ def test_a_users_scores_read_only_their_own_row(movietweetings):
     batch = as_batch(rows(model, movietweetings, range(5)).tensors, "cpu")
     alone = model.score_all({k: v[2:3] for k, v in batch.items()})
     torch.testing.assert_close(model.score_all(batch)[2:3], alone)
+
+
+def test_an_empty_poisson_batch_gives_zero_loss_and_gradient(movietweetings):
+    """Poisson sampling may draw no user; train_local then steps on a padding row, which must
+    contribute exactly nothing (and nothing NaN)."""
+    model = make(len(movietweetings[0].catalogue))
+    model.train()
+    loss = model(**_empty_batch(rows(model, movietweetings, range(3)), "cpu"))
+    assert loss.tolist() == [0.0]
+    loss.sum().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("private", [True, False])
