@@ -16,26 +16,41 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client import worker
 from client.kept import KeptReplies
 from client.node import NodeConfig
-from common.config import Settings
-from common.ledger import PrivacyLedger
-from common.privacy import BudgetExhausted, PolicyRefused, PrivacyError, PrivacySettings, SitePolicy
 from common.progress import ProgressLog
-from common.site import Site
-from common.site_cache import SiteCache
 from common.transport import from_array_record, to_array_record
 
-app = ClientApp()
+if TYPE_CHECKING:
+    from common.ledger import PrivacyLedger
+    from common.privacy import PrivacySettings, SitePolicy
+    from common.site import Site
+
+# Everything heavy (torch, transformers, peft, opacus, the site's data) is imported inside the
+# in-process path: a ClientApp that forwards to the site's worker (client/worker.py) starts in
+# well under a second instead of the ~10 s those imports take on 2 cores.
+
+
+def to_worker(msg: Message, context: Context, call_next) -> Message:
+    """Outermost mod: at a deployed site with a running worker, the worker answers (running
+    this same app); otherwise, and inside the worker itself, the message is handled here."""
+    if not worker.serving_here():
+        reply = worker.forward(msg, context)
+        if reply is not None:
+            return reply
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[to_worker])
 _LEDGER_KEY = "fedenc-ledger"  # the ledger in Flower's node state when no ledger-dir is set
 
 
@@ -43,7 +58,22 @@ class Refusal(Exception):
     """The site declines this request (the reason travels back; nothing was released)."""
 
 
+def preload() -> None:
+    """Import what every message needs (the site worker does it once, at its start)."""
+    import common.site  # noqa: F401  (torch, transformers, peft)
+    import common.training  # noqa: F401  (opacus)
+
+
 def _open(context: Context) -> tuple[Site, NodeConfig, SitePolicy]:
+    from dataclasses import replace
+
+    import torch
+
+    from common.config import Settings
+    from common.privacy import SitePolicy
+    from common.site import Site
+    from common.site_cache import SiteCache
+
     settings = Settings.from_config(context.run_config)
     node = NodeConfig.parse(context.node_config)
     torch.set_num_threads(node.torch_threads)
@@ -66,6 +96,8 @@ def _grant(site: Site, policy: SitePolicy, config) -> PrivacySettings:
             f"server's (fingerprint {str(catalogue)[:12]}): the item ids, their order or their texts differ "
             "(items.csv, text-columns, item-template); refusing before any training or release"
         )
+    from common.privacy import PolicyRefused
+
     try:
         return policy.grant(site.settings.privacy, len(site.users))
     except PolicyRefused as why:
@@ -75,6 +107,9 @@ def _grant(site: Site, policy: SitePolicy, config) -> PrivacySettings:
 @contextlib.contextmanager
 def _ledger(site: Site, node: NodeConfig, policy: SitePolicy, privacy: PrivacySettings, context: Context, run: str):
     """The site's ledger, locked for the whole request (check, train, record)."""
+    from common.ledger import PrivacyLedger
+    from common.privacy import PrivacyError
+
     delta = privacy.delta_for(len(site.users))
     budget, accountant = policy.budget, privacy.accountant
     if node.ledger_path is None:  # `flwr run .` without ledger-dir: Flower's node state
@@ -129,6 +164,8 @@ def _install_prior(site: Site, msg: Message) -> None:
 @app.query("counts")
 def counts(msg: Message, context: Context) -> Message:
     """Release this site's item counts for the popularity prior, charged to its ledger."""
+    from common.privacy import BudgetExhausted
+
     site, node, policy = _open(context)
     config = msg.content.config_records.get("config")
     zeros = ArrayRecord({"counts": Array(np.zeros(len(site.data.catalogue), dtype=np.float32))})

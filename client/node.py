@@ -19,7 +19,8 @@ Deployment keys (required: ``data-path``, ``site-id``, ``epsilon-budget``, ``led
   update it keeps per round (default ``$FEDENC_STATE_DIR`` or ``~/.local/state/fedenc``);
 - ``cache-mb`` — size bound of the site's row cache in ``state-dir/cache`` (default 1024;
   0: no cache): tokenised rows and lower-layer states kept between messages;
-- ``torch-threads`` — torch threads of the ClientApp (default 1: one per simulated site).
+- ``torch-threads`` — torch threads of the ClientApp (default 1; in simulation, the CPUs
+  the runtime gave the actor: simulations/simulate.py, ``actor_resources``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.privacy import PrivacyError, SitePolicy
+if TYPE_CHECKING:  # common.privacy imports opacus and torch: seconds a forwarding ClientApp must not pay
+    from common.privacy import SitePolicy
 
 DEPLOYMENT_KEYS = {
     "data-path": str, "items-path": str, "dataset": str, "site-id": int, "epsilon-budget": float,
@@ -38,6 +41,11 @@ DEPLOYMENT_KEYS = {
 }  # fmt: skip
 REQUIRED = ("data-path", "site-id", "epsilon-budget", "ledger-path")
 SIMULATION_KEYS = {"partition-id": int, "num-partitions": int, "torch-threads": int}
+
+
+def _runtime_threads() -> int:
+    """The CPUs Ray assigned to this simulation actor (it sets OMP_NUM_THREADS to them)."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 class NodeConfigError(ValueError):
@@ -75,12 +83,14 @@ class NodeConfig:
     @classmethod
     def parse(cls, node_config: dict) -> NodeConfig:
         """Validate Flower's node config; raises :class:`NodeConfigError` naming the key."""
+        from common.privacy import PrivacyError, SitePolicy
+
         raw = dict(node_config)
         if "partition-id" in raw and "data-path" not in raw:
             values = _typed(raw, SIMULATION_KEYS)
             site = values["partition-id"]
             return cls(site, None, None, None, partition=(site, values["num-partitions"]),
-                       torch_threads=values.get("torch-threads", 1))
+                       torch_threads=values.get("torch-threads", _runtime_threads()))
         values = _typed(raw, DEPLOYMENT_KEYS)
         missing = [k for k in REQUIRED if k not in values]
         if missing:
@@ -100,9 +110,8 @@ class NodeConfig:
         for key, low in (("cache-mb", 0), ("torch-threads", 1)):
             if values.get(key, low) < low:
                 raise NodeConfigError(f"node config {key}: must be >= {low}, got {values[key]}")
-        state = values.get("state-dir") or os.environ.get("FEDENC_STATE_DIR") or "~/.local/state/fedenc"
         return cls(
-            values["site-id"], policy, Path(values["ledger-path"]).expanduser(), Path(state).expanduser(),
+            values["site-id"], policy, Path(values["ledger-path"]).expanduser(), deployed_state_dir(values),
             data_path=values["data-path"], items_path=values.get("items-path"),
             dataset=values.get("dataset", "csv"), torch_threads=values.get("torch-threads", 1),
             cache_mb=values.get("cache-mb", 1024),
@@ -130,6 +139,21 @@ class NodeConfig:
     def kept(self) -> Path | None:
         """The last update this site sent per run, to send again instead of paying twice."""
         return self.state_dir / f"{self.name}.kept" if self.state_dir else None
+
+
+def deployed_state_dir(node_config: dict) -> Path | None:
+    """A deployed site's ``state-dir`` (None in simulation), read without importing the
+    privacy code: the ClientApp looks there for the site's worker before anything else.
+
+    >>> deployed_state_dir({"partition-id": 0, "num-partitions": 2}) is None
+    True
+    >>> str(deployed_state_dir({"data-path": "a.csv", "state-dir": "/srv/site"}))
+    '/srv/site'
+    """
+    if "data-path" not in node_config:
+        return None
+    state = node_config.get("state-dir") or os.environ.get("FEDENC_STATE_DIR") or "~/.local/state/fedenc"
+    return Path(str(state)).expanduser()
 
 
 def _typed(raw: dict, keys: dict) -> dict:
