@@ -18,7 +18,7 @@ from cli.errors import fail, stopped
 from deploy import DeployError
 from deploy.certs import make_certs, make_site_keys
 from deploy.processes import Interrupted, interrupt_on_signals, stop_tree, uninterrupted
-from deploy.sites import check_site_data, node_config, split_builtin, supernode_command
+from deploy.sites import check_site_data, node_config, run_site, split_builtin, supernode_command, worker_command
 from deploy.superlink import deploy_env, register_key, run_federation, superlink_command, write_connection
 
 app = typer.Typer(help="Deploy across partner sites: certificates, keys, SuperLink, SuperNodes, runs.", no_args_is_help=True)
@@ -161,9 +161,15 @@ def supernode_cmd(
     allow_non_private: Annotated[bool, typer.Option(help="Serve runs that ask for no DP (exact releases).")] = False,
     port: Annotated[int, typer.Option(help="Local port of this SuperNode (one per SuperNode on a machine).")] = 9094,
     max_wait: Annotated[float, typer.Option(help="Give up after this many seconds without a SuperLink (0: never).")] = 60.0,
-    show: Annotated[bool, typer.Option("--print", help="Print the command instead of running it.")] = False,
+    worker: Annotated[
+        bool,
+        typer.Option(help="Run the site's resident worker beside the SuperNode (libraries and data kept in memory "
+                          "between messages; --no-worker: every message opens the site afresh)."),
+    ] = True,
+    show: Annotated[bool, typer.Option("--print", help="Print the commands instead of running them.")] = False,
 ) -> None:
-    """Start flower-supernode for this site over TLS with node authentication (foreground).
+    """Start flower-supernode for this site over TLS with node authentication (foreground),
+    and beside it the site's worker (client/worker.py); both stop together.
 
     The site's privacy policy (budget, δ, non-private runs) is set here, at the site; a run
     config can only ask for less.
@@ -179,9 +185,21 @@ def supernode_cmd(
         cmd = supernode_command(superlink, ca, key, port, config, max_wait or None)
     except DeployError as err:
         fail(str(err))
-    if not show:
-        typer.echo(f"site {site_id}: {about}", err=True)
-    _exec(cmd, deploy_env(ledger_path.resolve().parent / ".flwr"), show)
+    helper = worker_command(config) if worker else None
+    if show:
+        for line in filter(None, (helper, cmd)):
+            typer.echo(shlex.join(line))
+        return
+    typer.echo(f"site {site_id}: {about}", err=True)
+    for line in filter(None, (helper, cmd)):
+        typer.echo(f"$ {shlex.join(line)}", err=True)
+    try:
+        with interrupt_on_signals():
+            code = run_site(cmd, helper, deploy_env(ledger_path.resolve().parent / ".flwr"),
+                            lambda line: typer.echo(line, err=True))
+    except Interrupted as stop:
+        stopped(str(stop), stop.exit_code)
+    raise typer.Exit(code)
 
 
 @app.command("run")

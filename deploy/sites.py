@@ -1,9 +1,14 @@
-"""What a partner site runs: its checked node config and ``flower-supernode`` command, and
-demo data (the built-in MovieTweetings cut into per-site CSVs) to try a deployment."""
+"""What a partner site runs: its checked node config, its ``flower-supernode`` command and
+the resident worker beside it (client/worker.py), and demo data (the built-in
+MovieTweetings cut into per-site CSVs) to try a deployment."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from deploy import DeployError
@@ -110,3 +115,48 @@ def supernode_command(
         cmd += ["--max-wait-time", str(max_wait)]
     return cmd
 
+
+
+def worker_command(config: str) -> list[str]:
+    """The site's resident worker, started with the SuperNode's node config.
+
+    >>> worker_command('site-id=0')[1:]
+    ['-m', 'client.worker', '--node-config', 'site-id=0']
+    """
+    return [sys.executable, "-m", "client.worker", "--node-config", config]
+
+
+def run_site(supernode: list[str], worker: list[str] | None, env: dict | None, say: Callable[[str], None],
+             restart_after: float = 60.0) -> int:
+    """Run ``flower-supernode`` and, beside it, the site's worker until the SuperNode exits;
+    returns its exit code. Both are stopped (their whole trees) on the way out, an
+    :class:`~deploy.processes.Interrupted` included. A worker that exits is restarted when it
+    had run ``restart_after`` seconds; one that fails sooner is left off (messages then run
+    in-process, only slower) rather than restarted in a loop."""
+    from deploy.processes import stop_tree, uninterrupted
+
+    procs: list[subprocess.Popen] = []
+    try:
+        helper = subprocess.Popen(worker, env=env, start_new_session=True) if worker else None
+        started = time.monotonic()
+        procs = [p for p in (helper,) if p]
+        node = subprocess.Popen(supernode, env=env, start_new_session=True)
+        procs.append(node)
+        while (code := node.poll()) is None:
+            if helper is not None and helper.poll() is not None:
+                ran = time.monotonic() - started
+                if ran >= restart_after:
+                    say(f"site worker exited with code {helper.returncode} after {ran:.0f}s; restarting it")
+                    helper, started = subprocess.Popen(worker, env=env, start_new_session=True), time.monotonic()
+                    procs.insert(0, helper)
+                else:
+                    say(f"site worker exited with code {helper.returncode} within {ran:.0f}s of its start; not restarted:"
+                        " messages run in-process (slower, same privacy)")
+                    helper = None
+            time.sleep(0.5)
+        return code
+    finally:
+        with uninterrupted():
+            for proc in procs:
+                if proc.poll() is None:
+                    stop_tree(proc)

@@ -172,3 +172,39 @@ def test_a_worker_started_for_other_settings_refuses(flower_task, site_files, ru
 
 def test_the_channel_lives_in_the_state_dir():
     assert Channel.of(Path("/srv/s")).authkey == Path("/srv/s/worker/authkey")
+
+
+def test_deploy_supernode_starts_the_worker_unless_told_not_to(tmp_path, synthetic_dir):
+    import subprocess
+    import sys
+
+    import deploy.certs
+
+    certs = deploy.certs.make_certs(tmp_path / "certs")
+    private, _ = deploy.certs.make_site_keys("site-a", tmp_path)
+    args = [sys.executable, "-m", "cli", "deploy", "supernode", "--superlink", "127.0.0.1:1", "--ca", str(certs["ca"]),
+            "--key", str(private), "--data-path", str(synthetic_dir / "interactions.csv"), "--site-id", "0",
+            "--ledger-path", str(tmp_path / "l.json"), "--epsilon-budget", "8", "--print"]
+    shown = [subprocess.run(args + extra, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+             for extra in ([], ["--no-worker"])]
+    assert all(done.returncode == 0 for done in shown), [done.stderr for done in shown]
+    with_worker, without = (done.stdout.splitlines() for done in shown)
+    assert len(with_worker) == 2 and "-m client.worker --node-config" in with_worker[0]
+    assert with_worker[1].startswith("flower-supernode") and without == with_worker[1:]
+
+
+def test_the_site_runs_its_worker_beside_the_supernode_and_stops_both(site_files):  # noqa: F811
+    """A stand-in SuperNode waits for the worker's socket, then exits 3: the worker is stopped
+    with it and leaves no socket and no key behind."""
+    import sys
+
+    from deploy.sites import node_config, run_site, worker_command
+
+    config = node_config(site_files["data-path"], 3, site_files["ledger-path"], 8.0, state_dir=site_files["state-dir"])
+    channel = Channel.of(Path(site_files["state-dir"]))
+    stand_in = [sys.executable, "-c", "import pathlib, sys, time\n"
+                f"for _ in range(600):\n    if pathlib.Path({str(channel.socket)!r}).exists(): sys.exit(3)\n"
+                "    time.sleep(0.2)\nsys.exit(1)"]
+    said = []
+    assert run_site(stand_in, worker_command(config), None, said.append) == 3, said
+    assert not channel.socket.exists() and not channel.authkey.exists()
