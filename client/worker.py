@@ -93,12 +93,12 @@ def forward(msg: Message, context: Context) -> Message | None:
         conn = Client(str(channel.socket), family="AF_UNIX", authkey=key)
     except (OSError, EOFError, AuthenticationError):  # no worker, a stale socket, or a key from another start
         return None
+    identity = {"run": TaskIdentity.run_id, "node": TaskIdentity.node_id, "task": TaskIdentity.task_id}
     with conn:
-        identity = {"run": TaskIdentity.run_id, "node": TaskIdentity.node_id, "task": TaskIdentity.task_id}
-        conn.send_bytes(json.dumps(identity).encode())
-        conn.send_bytes(message_to_proto(msg).SerializeToString())
-        conn.send_bytes(context_to_proto(context).SerializeToString())
         try:
+            conn.send_bytes(json.dumps(identity).encode())
+            conn.send_bytes(message_to_proto(msg).SerializeToString())
+            conn.send_bytes(context_to_proto(context).SerializeToString())
             status = json.loads(conn.recv_bytes())
             if status.get("error"):
                 raise RuntimeError(f"site worker: {status['error']}")
@@ -176,7 +176,10 @@ class Worker:
             except (AuthenticationError, EOFError, OSError) as err:
                 print(f"site worker: refused a connection ({err})", file=sys.stderr, flush=True)
                 return
-            self._answer(conn)
+            from deploy.processes import uninterrupted
+
+            with uninterrupted():  # a SIGTERM waits for the reply: a message half done may be half paid
+                self._answer(conn)
 
     def serve_forever(self, stop: threading.Event | None = None) -> None:
         """Serve until ``stop`` is set (or, without one, until the process is stopped)."""
