@@ -29,6 +29,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import AuthenticationError, Client, Connection, answer_challenge, deliver_challenge
 from pathlib import Path
@@ -202,6 +203,7 @@ class Worker:
             return
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = identity["run"], identity["node"], identity["task"]
         _SERVING.on = True
+        began = time.perf_counter()
         try:
             reply = app(message_from_proto(msg_proto), context)
         except Exception as err:  # as Flower would: the message fails with the reason, the worker lives on
@@ -210,6 +212,8 @@ class Worker:
         finally:
             _SERVING.on = False
         self.served += 1  # before the reply leaves: whoever reads the reply sees the count
+        print(f"site worker: {msg_proto.metadata.message_type} answered in {time.perf_counter() - began:.1f}s",
+              file=sys.stderr, flush=True)
         conn.send_bytes(b"{}")
         conn.send_bytes(message_to_proto(reply).SerializeToString())
         conn.send_bytes(context_to_proto(context).SerializeToString())
