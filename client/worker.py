@@ -180,7 +180,10 @@ class Worker:
             from deploy.processes import uninterrupted
 
             with uninterrupted():  # a SIGTERM waits for the reply: a message half done may be half paid
-                self._answer(conn)
+                try:
+                    self._answer(conn)
+                except OSError as err:  # the ClientApp left (Flower ended it) before the reply
+                    print(f"site worker: could not reply ({err!r})", file=sys.stderr, flush=True)
 
     def serve_forever(self, stop: threading.Event | None = None) -> None:
         """Serve until ``stop`` is set (or, without one, until the process is stopped)."""
