@@ -125,7 +125,7 @@ def simulate(
                         "insecure": True,
                         "options": {
                             "num-supernodes": settings.num_sites,
-                            "backend": {"client-resources": {"num-cpus": 1, "num-gpus": 0.5 * gpus}},
+                            "backend": {"client-resources": actor_resources(settings.num_sites, os.cpu_count() or 1, gpus)},
                         },
                     },
                 }
@@ -189,6 +189,23 @@ def simulate(
             replaced.restore()
         raise SimulationFailed(f"the run failed: {_failure(out, log_path, run.returncode)} (see {log_path})")
     return json.loads(summary_path.read_text())
+
+
+def actor_resources(num_sites: int, cpus: int, gpus: int) -> dict:
+    """Ray resources of one ClientApp actor; Flower starts as many actors as fit the machine.
+
+    Few actors, each with several torch threads (the ClientApp takes as many as Ray gives
+    it): every actor imports torch, builds the model and derives the rows of every site it
+    serves (the pool sends any site's message to any free actor, so two actors derived
+    3 of 5 sites' rows twice in two rounds). On 2 cores one actor with both used 0.9–1.3 GB
+    less and its training round took as long when the machine was steady (docs/BENCH.md,
+    "Simulation"). At most one actor per site; actors share the GPU.
+
+    >>> actor_resources(5, 2, 0), actor_resources(5, 16, 0), actor_resources(2, 64, 1)
+    ({'num-cpus': 2, 'num-gpus': 0.0}, {'num-cpus': 4, 'num-gpus': 0.0}, {'num-cpus': 32, 'num-gpus': 0.5})
+    """
+    actors = max(1, min(num_sites, cpus // 4))
+    return {"num-cpus": cpus // actors, "num-gpus": gpus / actors}
 
 
 def _new_rounds(follow: Follower, shown: set, replaced: Replaced | None, on_progress) -> Replaced | None:
