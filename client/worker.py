@@ -258,4 +258,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Serve from the module client.app imports, not from this __main__ copy: the ClientApp's
+    # mod asks client.worker whether it runs inside the worker (here it must not forward).
+    from client import worker
+
+    sys.exit(worker.main())

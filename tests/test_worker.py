@@ -208,3 +208,28 @@ def test_the_site_runs_its_worker_beside_the_supernode_and_stops_both(site_files
     said = []
     assert run_site(stand_in, worker_command(config), None, said.append) == 3, said
     assert not channel.socket.exists() and not channel.authkey.exists()
+
+
+def test_a_worker_process_serves_the_clientapp(flower_task, site_files, run):  # noqa: F811
+    """``python -m client.worker`` as deployed: its handler must not forward to itself."""
+    import subprocess
+    import time
+
+    from deploy.sites import node_config, worker_command
+
+    config = node_config(site_files["data-path"], 3, site_files["ledger-path"], 8.0, state_dir=site_files["state-dir"])
+    channel = Channel.of(Path(site_files["state-dir"]))
+    proc = subprocess.Popen(worker_command(config), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not channel.socket.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        reply = _counts(site_files, run)  # the node config the SuperNode parses from the same string
+        assert reply.content["metrics"]["refused"] == 0
+        assert len(json.loads(Path(site_files["ledger-path"]).read_text())["releases"]) == 1
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "query.counts answered" in err and proc.returncode == 143
+    assert not channel.socket.exists() and not channel.authkey.exists()
