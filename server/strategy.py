@@ -281,6 +281,7 @@ class ScreenedRounds(Strategy):
         self.update_bound, self.max_failed_rounds = update_bound, max_failed_rounds
         self.sent = ArrayRecord()
         self.messages: list[Message] = []
+        self.evaluations: list[Message] = []
         self.last_round = RoundRecord("train")
         self.site_reports: list[dict] = []
         self.skipped_in_a_row = 0
@@ -329,14 +330,16 @@ class ScreenedRounds(Strategy):
                             f"valid update(s) (max-failed-rounds); last: {why}")
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.trainer.configure_evaluate(server_round, arrays, config, grid)
+        self.evaluations = list(self.trainer.configure_evaluate(server_round, arrays, config, grid))
+        return self.evaluations
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self.evaluations if m.metadata.message_id}
         for msg in replies:
-            if msg.has_error():
-                log(logging.WARNING, "fedenc: evaluation failed at site %s: %s",
-                    self.roster.label(msg.metadata.src_node_id), msg.error.reason)
+            if msg.has_error():  # "Node Unavailable" comes from the SuperLink's id: name the node that was asked
+                node = asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+                log(logging.WARNING, "fedenc: evaluation failed at site %s: %s", self.roster.label(node), msg.error.reason)
         return self.trainer.aggregate_evaluate(server_round, replies)
 
 
