@@ -193,9 +193,10 @@ def test_sites_served_by_their_workers_run_a_federation(federation):  # noqa: F8
     while not all("site worker: serving" in log.read_text(errors="replace") for log in logs):
         assert time.monotonic() - start < 300, [log.read_text(errors="replace")[-500:] for log in logs]
         time.sleep(0.5)  # a message that comes sooner runs in-process, and is not what this test is about
-    _, thread, result = in_background(federation, "with-workers", epsilon=math.inf, **{"fraction-evaluate": 1.0})
+    out, thread, result = in_background(federation, "with-workers", epsilon=math.inf, **{"fraction-evaluate": 1.0})
     thread.join(1200)
     assert "summary" in result, result.get("error")
+    assert [(r["round"], r["sites"]) for r in _lines(out / "metrics.jsonl")][1:] == [(1, 3), (2, 3)]
     for i in range(3):
         log = logs[i].read_text(errors="replace")
         assert log.count("site worker: train answered") == 2 and log.count("site worker: evaluate answered") == 2, log[-2000:]
