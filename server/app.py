@@ -92,7 +92,11 @@ def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
         recorder.record_sites(rounds.site_reports)
         rounds.site_reports = []
         taken = rounds.last_round if server_round else prior_round
-        line = recorder.round_done(rnd, metrics, taken.line() if taken else {}, evaluator.model, current)
+        took_part = taken.line() if taken else {}
+        if server_round and rounds.last_evaluation is not None:
+            took_part["evaluation"] = rounds.last_evaluation.as_dict()
+            rounds.last_evaluation = None
+        line = recorder.round_done(rnd, metrics, took_part, evaluator.model, current)
         events.note(ROUND_RECORDED, round=rnd)  # its line is in metrics.jsonl now
         progress = {k: line[k] for k in ("round", "ndcg@10", "hr@10", "epsilon", "train_loss", "sites", "seconds")}
         log(logging.INFO, "fedenc %s", json.dumps({"progress": progress}))

@@ -104,7 +104,8 @@ class RunRecorder:
 
     def round_done(self, rnd: int, metrics: dict, train: dict, model, state: dict) -> dict:
         """Append the round's line, checkpoint, and return the line. ``train`` may carry
-        ``participation``: who was sampled, trained, failed, refused or was rejected."""
+        ``participation`` (who was sampled, trained, failed, refused or was rejected) and
+        ``evaluation`` (the same for federated evaluation)."""
         line = {
             "round": rnd,
             "hr@10": metrics["test/hr@10"],
@@ -119,8 +120,9 @@ class RunRecorder:
             "rejected": train.get("rejected", 0),
             "seconds": round(time.time() - self.started + self.elapsed_before, 3),
         } | metrics
-        if "participation" in train:
-            line["participation"] = train["participation"]
+        for record in ("participation", "evaluation"):  # who took part in training, in federated evaluation
+            if record in train:
+                line[record] = train[record]
         line["site_epsilon"] = {name: site.get("epsilon") for name, site in self.sites.items()}  # report.png's per-site curves
         self.history.append(line)
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -183,7 +185,8 @@ class RunRecorder:
             "best_round": best["round"],
             "epsilon": self.epsilon(),
             "sites": self.sites,
-            "rounds": [{"round": h["round"]} | h["participation"] for h in self.history if "participation" in h],
+            "rounds": [{"round": h["round"]} | h["participation"] | ({"evaluation": h["evaluation"]} if "evaluation" in h else {})
+                       for h in self.history if "participation" in h],
             "bytes_per_update": state_bytes(state),
             "wall_seconds": round(time.time() - self.started + self.elapsed_before, 3),
             "settings": self.settings.as_dict(),

@@ -283,6 +283,7 @@ class ScreenedRounds(Strategy):
         self.messages: list[Message] = []
         self.evaluations: list[Message] = []
         self.last_round = RoundRecord("train")
+        self.last_evaluation: RoundRecord | None = None  # federated evaluation, when fraction-evaluate > 0
         self.site_reports: list[dict] = []
         self.skipped_in_a_row = 0
 
@@ -335,12 +336,37 @@ class ScreenedRounds(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self.evaluations if m.metadata.message_id}
-        for msg in replies:
-            if msg.has_error():  # "Node Unavailable" comes from the SuperLink's id: name the node that was asked
-                node = asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-                log(logging.WARNING, "fedenc: evaluation failed at site %s: %s", self.roster.label(node), msg.error.reason)
+        self.last_evaluation = evaluation_record(self.roster, self.evaluations, replies) if self.evaluations else None
         return self.trainer.aggregate_evaluate(server_round, replies)
+
+
+def evaluation_record(roster: SiteRoster, sent: list[Message], replies: list[Message]) -> RoundRecord:
+    """Who was asked to evaluate, who answered, failed (an error or no reply) or refused.
+
+    Not :func:`screen`: a DP site refusing to evaluate is its policy, not a reason to stop
+    asking it to train."""
+    record = RoundRecord("evaluate")
+    # "Node Unavailable" comes from the SuperLink's id: a reply belongs to the node that was asked
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    record.sampled = [roster.label(m.metadata.dst_node_id) for m in sent]
+    answered = set()
+    for msg in replies:
+        node = asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        who = roster.label(node)
+        answered.add(node)
+        metrics = None if msg.has_error() else msg.content.metric_records.get("metrics")
+        if msg.has_error():
+            record.failed[who] = msg.error.reason or f"error code {msg.error.code}"
+        elif metrics is not None and metrics.get("refused", 0):
+            report = msg.content.config_records.get("report")
+            record.refused[who] = str(report.get("reason", "")) if report is not None else ""
+    record.replied = [roster.label(n) for n in sorted(answered)]
+    for m in sent:
+        if m.metadata.dst_node_id not in answered:
+            record.failed[roster.label(m.metadata.dst_node_id)] = "no reply within round-timeout"
+    for who, why in record.failed.items():
+        log(logging.WARNING, "fedenc: evaluation failed at site %s: %s", who, why)
+    return record
 
 
 def check_counts(msg: Message, num_items: int) -> tuple[np.ndarray | None, str]:

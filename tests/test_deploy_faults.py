@@ -166,6 +166,8 @@ def test_a_site_killed_during_evaluation_is_recorded_and_the_run_finishes(federa
     assert rows[2]["sites"] == 2 and sorted(second["trained"]) == ["0", "1"]
     log = (out / "flower.log").read_text(errors="replace")
     assert "evaluation failed at site 2" in log, log[-2000:]
+    lost = rows[1]["evaluation"]  # round 1's federated evaluation, where site 2 went
+    assert sorted(lost["sampled"]) == ["0", "1", "2"] and list(lost["failed"]) == ["2"], lost
     assert "2" in second["failed"] or "2" not in second["sampled"], second  # asked and lost, or no longer asked
     summary = json.loads((out / "summary.json").read_text())
     assert next(r for r in summary["rounds"] if r["round"] == 2)["failed"] == second["failed"]

@@ -103,6 +103,30 @@ def test_bad_updates_are_rejected_failures_recorded_and_weights_ignored(flower_i
     np.testing.assert_allclose(mean["b"], 0.0)
 
 
+def test_federated_evaluation_records_who_failed_or_refused_without_excluding_them_from_training(flower_identity):
+    roster = SiteRoster(4, 1, wait_seconds=0)
+    sites = BudgetAwareFedAvg(fraction_train=1.0, fraction_evaluate=1.0, roster=roster)
+    screened, grid = ScreenedRounds(sites, roster, 10.0, 2), Nodes(range(1, 5))
+    asked = {m.metadata.dst_node_id: m for m in screened.configure_evaluate(1, to_array_record(GLOBAL), ConfigRecord(), grid)}
+    assert sorted(asked) == [1, 2, 3, 4]
+    for m in asked.values():  # what Flower does as it sends them
+        m.metadata.__dict__["_message_id"] = m.object_id
+    lost = Message(Error(code=5, reason="Node Unavailable"), reply_to=asked[2])
+    lost.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node it lost, from its own id
+    refusal = Message(content=RecordDict({"metrics": MetricRecord({"site": 3, "refused": 1}),
+                                          "report": ConfigRecord({"reason": "DP site: no evaluation"})}), reply_to=asked[3])
+    evaluated = reply(asked[1], None, site=1, **{"hr@10": 0.5, "ndcg@10": 0.25})
+    metrics = screened.aggregate_evaluate(1, [evaluated, lost, refusal])  # node 4 never replies
+    record = screened.last_evaluation
+    assert record.stage == "evaluate" and record.sampled == ["node 1", "node 2", "node 3", "node 4"]
+    assert record.failed == {"node 2": "Node Unavailable", "node 4": "no reply within round-timeout"}
+    assert record.refused == {"node 3": "DP site: no evaluation"}
+    assert metrics["ndcg@10"] == 0.25  # only the site that evaluated counts
+    # refusing (or failing) to evaluate is no reason to stop asking a site to train
+    assert sorted(m.metadata.dst_node_id for m in screened.configure_train(2, to_array_record(GLOBAL), ConfigRecord(), grid)) \
+        == [1, 2, 3, 4]
+
+
 def test_wrong_keys_and_dtypes_are_rejected(flower_identity):
     screened, grid = rounds(3)
     messages = list(screened.configure_train(1, to_array_record(GLOBAL), ConfigRecord(), grid))
