@@ -7,7 +7,7 @@ side in one run on one machine.
 2. Bytes a site sends per round / bytes of the full model's parameters (fp32, fp16).
 3. ``fedenc simulate`` wall time / a bare loop doing the same local training,
    aggregation and evaluation in-process without Flower.
-4. Peak memory (RSS of the whole process tree) of that simulation; full-ranking
+4. Peak memory (PSS of the whole process tree) of that simulation; full-ranking
    evaluation throughput.
 5. Scale: the largest number of virtual sites a simulation completes (tiny model,
    one round, no DP: it measures the framework, not the model).
@@ -191,7 +191,7 @@ def scale(config: dict, out: Path, site_counts: tuple[int, ...], tiny_model: str
             except SimulationFailed:
                 ok = False
         seconds = time.perf_counter() - start
-        results.append({"sites": n, "completed": ok, "seconds": seconds, "peak_rss_mb": mem.peak / 2**20}
+        results.append({"sites": n, "completed": ok, "seconds": seconds, "peak_pss_mb": mem.peak / 2**20}
                        | ({"time_limit": True} if not ok and timeout is not None and seconds >= timeout else {}))
         if not ok:
             break
@@ -351,11 +351,11 @@ def _overhead(config: dict, settings: Settings, out: Path, result: dict, progres
     result |= {
         "simulate_seconds": sim_seconds,
         "framework_overhead_ratio": sim_seconds / bare_seconds,
-        "peak_rss_mb": mem.peak / 2**20,
+        "peak_pss_mb": mem.peak / 2**20,
         "simulate_ndcg@10": summary["final"]["ndcg@10"],
     }
     progress(f"simulate: {sim_seconds:.1f} s (x{result['framework_overhead_ratio']:.2f} the bare loop), "
-             f"peak RSS {result['peak_rss_mb']:.0f} MB")
+             f"peak PSS {result['peak_pss_mb']:.0f} MB")
 
 
 def _scale(config: dict, out: Path, result: dict, site_counts: tuple[int, ...], progress, left) -> None:

@@ -188,7 +188,7 @@ def test_bench_writes_every_measurement(tiny_bert, tmp_path):
               "expected-batch": 8, "eval-users": 50, "max-tokens": 16}
     result = bench(config, tmp_path, site_counts=(4,), step_batches=(8,), progress=lambda _: None)
     saved = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("dp_step_ratio", "bytes_ratio", "bytes_ratio_fp16", "framework_overhead_ratio", "peak_rss_mb",
+    for key in ("dp_step_ratio", "bytes_ratio", "bytes_ratio_fp16", "framework_overhead_ratio", "peak_pss_mb",
                 "eval_users_per_s", "max_sites"):
         assert saved[key] == pytest.approx(result[key]) and result[key] > 0, key
     assert result["bytes_ratio_fp16"] == pytest.approx(result["bytes_ratio"] / 2)
