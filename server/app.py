@@ -20,9 +20,10 @@ from common.prior import log_prior
 from common.progress import ROUND_RECORDED, ProgressLog
 from common.transport import from_array_record, to_array_record
 from server import central_dp
+from server.checks import derived_update_bound
 from server.grid import PromptGrid
 from server.recorder import RunRecorder
-from server.strategy import BudgetAwareFedAvg, RunFailed, ScreenedRounds, SiteRoster, collect_counts, derived_update_bound
+from server.strategy import BudgetAwareFedAvg, RunFailed, ScreenedRounds, SiteRoster, collect_counts
 from server.warm_start import warm_start
 
 app = ServerApp()

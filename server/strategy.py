@@ -4,11 +4,12 @@ Two strategies, one inside the other (server/app.py puts Flower's central-DP wra
 when enabled, between them, so that it only ever sees checked updates):
 
 - :class:`ScreenedRounds`, the outer one, checks every train reply before anything
-  averages it (keys, shapes and dtypes of the global state, finite values, an L2 bound
-  on the update), records per round which sites were sampled, trained, failed (an error
-  or no reply), refused or were rejected and why, skips a round with fewer than
-  ``min-sites`` valid updates (the global model is kept), and ends the run with
-  :class:`RunFailed` after ``max-failed-rounds`` skipped rounds in a row;
+  averages it (:mod:`server.checks`: keys, shapes and dtypes of the global state, finite
+  values, an L2 bound on the update), records per round which sites were sampled,
+  trained, failed (an error or no reply), refused or were rejected and why
+  (:mod:`server.participation`), skips a round with fewer than ``min-sites`` valid
+  updates (the global model is kept), and ends the run with :class:`RunFailed` after
+  ``max-failed-rounds`` skipped rounds in a row;
 - :class:`BudgetAwareFedAvg`, the inner one, samples the connected sites whose budget is
   not spent (waiting at most ``wait-for-sites``), builds the messages of the contract
   (docs/DESIGN.md, "Messages") and averages the updates it is given, every site weighing 1: DP
@@ -23,7 +24,6 @@ import math
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -32,59 +32,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from common.transport import from_array_record, to_array_record
-
-# Adam's per-coordinate step is lr × m̂/√v̂. By Cauchy-Schwarz over the exponentially
-# weighted gradients, |m̂/√v̂| ≤ sqrt((1-β1)²/((1-β2)(1-β1²/β2))) ≈ 7.27 for the default
-# betas (0.9, 0.999), whatever the gradients are: DP noise and clipping cannot push an
-# honest site past it. (Kingma & Ba's "≈ lr" is typical, not a bound.)
-_B1, _B2 = 0.9, 0.999
-ADAM_STEP_BOUND = math.sqrt((1 - _B1) ** 2 / ((1 - _B2) * (1 - _B1**2 / _B2)))
+from server.checks import check_counts, check_update
+from server.participation import RoundRecord, evaluation_record, screen
 
 
 class RunFailed(RuntimeError):
     """No round can make progress; the message is the one-line reason."""
-
-
-def derived_update_bound(learning_rate: float, local_steps: int, num_params: int) -> float:
-    """The largest L2 norm an honest site's update can have: each of ``local_steps`` steps
-    of a fresh Adam (train_local) moves each of ``num_params`` coordinates by at most
-    ``ADAM_STEP_BOUND × learning_rate``. Derived from the schedule rather than from the
-    round's median, which a minority of 1 of 2 sites would already move.
-
-    >>> round(derived_update_bound(0.02, 10, 10_000), 1)
-    145.4
-    """
-    return ADAM_STEP_BOUND * learning_rate * local_steps * math.sqrt(num_params)
-
-
-def check_update(sent: ArrayRecord, reply: RecordDict, bound: float) -> tuple[dict[str, np.ndarray] | None, str]:
-    """(the reply's state, "") when it is a usable update of ``sent``, else (None, why).
-
-    ``bound`` limits the L2 norm of the update (reply − sent) over all arrays; fp16
-    transport adds up to 2⁻¹¹ relative rounding per coordinate, allowed on top.
-    """
-    arrays = reply.array_records.get("arrays")
-    if arrays is None:
-        return None, "the reply has no 'arrays' record"
-    missing, extra = sorted(set(sent) - set(arrays)), sorted(set(arrays) - set(sent))
-    if missing or extra:
-        return None, f"arrays differ from the global state: missing {missing[:3]}, unexpected {extra[:3]}"
-    for key, ref in sent.items():
-        got = arrays[key]
-        if tuple(got.shape) != tuple(ref.shape):
-            return None, f"{key!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-        if got.dtype != ref.dtype:
-            return None, f"{key!r} has dtype {got.dtype}, expected {ref.dtype}"
-    state = from_array_record(arrays)
-    reference = from_array_record(sent)
-    for key, value in state.items():
-        if not np.isfinite(value).all():
-            return None, f"{key!r} holds non-finite values"
-    norm = math.sqrt(sum(float(np.sum((state[k].astype(np.float64) - reference[k]) ** 2)) for k in state))
-    slack = 2.0**-10 * math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in state.values()))
-    if norm > bound + (slack if any(a.dtype == "float16" for a in sent.values()) else 0.0):
-        return None, f"update norm {norm:.4g} exceeds the bound {bound:.4g} (max-update-norm)"
-    return state, ""
 
 
 class SiteRoster:
@@ -193,85 +146,6 @@ class BudgetAwareFedAvg(FedAvg):
         return MetricRecord({k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]})
 
 
-@dataclass
-class RoundRecord:
-    """Who took part in one round, and why the others did not (site labels as keys)."""
-
-    stage: str
-    sampled: list[str] = field(default_factory=list)
-    replied: list[str] = field(default_factory=list)
-    trained: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    refused: dict[str, str] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-    skipped: str = ""  # why the round did not change the model ("" when it did)
-    bytes_up: int = 0
-    train_loss: float = math.nan  # mean over the sites that sent one (non-private sites only)
-
-    def line(self) -> dict:
-        """This round's columns of its metrics.jsonl line."""
-        return {"sites": len(self.trained), "refused": len(self.refused), "failed": len(self.failed),
-                "rejected": len(self.rejected), "bytes_up": self.bytes_up, "train_loss": self.train_loss,
-                "participation": self.as_dict()}
-
-    def as_dict(self) -> dict:
-        return {"stage": self.stage, "sampled": self.sampled, "replied": self.replied, "trained": self.trained,
-                "failed": self.failed, "refused": self.refused, "rejected": self.rejected, "skipped": self.skipped}
-
-
-def screen(roster: SiteRoster, record: RoundRecord, sent: list[Message], replies: list[Message],
-           check) -> tuple[list[tuple[Message, object]], list[dict]]:
-    """Sort the ``replies`` to the messages ``sent`` into ``record``; return the usable
-    (reply, checked value) pairs and every site report (metrics and report fields).
-    ``check(reply) -> (value or None, why)`` judges one reply's payload."""
-    # The SuperLink answers for a node it lost ("Node Unavailable") from its own id: a
-    # reply belongs to the node its question went to.
-    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
-
-    def sender(msg: Message) -> int:
-        return asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-
-    for msg in replies:
-        roster.learn(msg)
-    nodes = [m.metadata.dst_node_id for m in sent]
-    record.sampled = [roster.label(n) for n in nodes]
-    answered = {sender(m) for m in replies}
-    record.replied = [roster.label(n) for n in sorted(answered)]
-    for node in nodes:
-        if node not in answered:
-            record.failed[roster.label(node)] = "no reply within round-timeout"
-    usable, reports = [], []
-    for msg in replies:
-        node = sender(msg)
-        who = roster.label(node)
-        if msg.has_error():
-            record.failed[who] = msg.error.reason or f"error code {msg.error.code}"
-            continue
-        metrics = msg.content.metric_records.get("metrics")
-        if metrics is None:
-            record.rejected[who] = "the reply has no 'metrics' record"
-            continue
-        report = msg.content.config_records.get("report")
-        if "site" in metrics:
-            reports.append(dict(metrics) | ({k: report[k] for k in report} if report is not None else {}))
-        spent = metrics.get("budget", math.inf) - metrics.get("epsilon", 0.0) <= 1e-9
-        if metrics.get("refused", 0):
-            record.refused[who] = str(report.get("reason", "")) if report is not None else ""
-            roster.exhausted.add(node)  # a site that refused once is not asked again
-            continue
-        if spent:
-            roster.exhausted.add(node)
-        value, why = check(msg)
-        if value is None:
-            record.rejected[who] = why
-            log(logging.WARNING, "fedenc: %s reply of site %s rejected: %s", record.stage, who, why)
-            continue
-        usable.append((msg, value))
-    for who, why in record.failed.items():
-        log(logging.WARNING, "fedenc: %s: site %s failed: %s", record.stage, who, why)
-    return usable, reports
-
-
 class ScreenedRounds(Strategy):
     """Checks and records every train reply before ``trainer`` (the averaging strategy,
     possibly wrapped for central DP) sees it; skips rounds with too few valid updates."""
@@ -338,48 +212,6 @@ class ScreenedRounds(Strategy):
         replies = list(replies)
         self.last_evaluation = evaluation_record(self.roster, self.evaluations, replies) if self.evaluations else None
         return self.trainer.aggregate_evaluate(server_round, replies)
-
-
-def evaluation_record(roster: SiteRoster, sent: list[Message], replies: list[Message]) -> RoundRecord:
-    """Who was asked to evaluate, who answered, failed (an error or no reply) or refused.
-
-    Not :func:`screen`: a DP site refusing to evaluate is its policy, not a reason to stop
-    asking it to train."""
-    record = RoundRecord("evaluate")
-    # "Node Unavailable" comes from the SuperLink's id: a reply belongs to the node that was asked
-    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
-    record.sampled = [roster.label(m.metadata.dst_node_id) for m in sent]
-    answered = set()
-    for msg in replies:
-        node = asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-        who = roster.label(node)
-        answered.add(node)
-        metrics = None if msg.has_error() else msg.content.metric_records.get("metrics")
-        if msg.has_error():
-            record.failed[who] = msg.error.reason or f"error code {msg.error.code}"
-        elif metrics is not None and metrics.get("refused", 0):
-            report = msg.content.config_records.get("report")
-            record.refused[who] = str(report.get("reason", "")) if report is not None else ""
-    record.replied = [roster.label(n) for n in sorted(answered)]
-    for m in sent:
-        if m.metadata.dst_node_id not in answered:
-            record.failed[roster.label(m.metadata.dst_node_id)] = "no reply within round-timeout"
-    for who, why in record.failed.items():
-        log(logging.WARNING, "fedenc: evaluation failed at site %s: %s", who, why)
-    return record
-
-
-def check_counts(msg: Message, num_items: int) -> tuple[np.ndarray | None, str]:
-    """A site's popularity counts: a finite vector as long as the catalogue."""
-    record = msg.content.array_records.get("counts")
-    if record is None or "counts" not in record:
-        return None, "the reply has no 'counts' array"
-    counts = record["counts"].numpy().astype(np.float64)
-    if counts.shape != (num_items,):
-        return None, f"counts have shape {counts.shape}, expected ({num_items},) (the catalogue)"
-    if not np.isfinite(counts).all():
-        return None, "counts hold non-finite values"
-    return counts, ""
 
 
 def collect_counts(grid: Grid, roster: SiteRoster, config: ConfigRecord, num_items: int,

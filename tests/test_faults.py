@@ -1,6 +1,7 @@
 """A federation that survives its partner sites.
 
-Unit tests of the server's checks (server/strategy.py) on hand-built Flower messages, and
+Unit tests of the server's checks and records (server/checks.py, server/participation.py,
+server/strategy.py) on hand-built Flower messages, and
 one simulation through the real Flower path in which five of six sites misbehave
 (tests/fault_app.py): the run completes with the honest ones, records each fault, and
 its metrics are finite.
@@ -19,14 +20,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from common.transport import from_array_record, to_array_record
-from server.strategy import (
-    BudgetAwareFedAvg,
-    RunFailed,
-    ScreenedRounds,
-    SiteRoster,
-    check_counts,
-    derived_update_bound,
-)
+from server.checks import check_counts, derived_update_bound
+from server.strategy import BudgetAwareFedAvg, RunFailed, ScreenedRounds, SiteRoster
 
 ROOT = Path(__file__).resolve().parents[1]
 
