@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from common.config import load_config_file
 from simulations.baselines import run_baseline
-from simulations.report import card_markdown, model_card, plot_report, site_epsilons, write_report
+from simulations.card import card_markdown, model_card
+from simulations.report import plot_report, site_epsilons, write_report
 
 
 def png_size(path) -> tuple[int, int]:
