@@ -22,7 +22,7 @@ app = typer.Typer(help="Federated, differentially private recommendation with la
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 data_app.command("describe")(data.describe)
 app.add_typer(data_app, name="data")
-for command in (runs.simulate, runs.baseline, runs.sweep, runs.audit, runs.bench, model.recommend, model.report):
+for command in (runs.simulate, runs.baseline, runs.sweep, runs.ablation, runs.audit, runs.bench, model.recommend, model.report):
     app.command()(command)
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(ledger_app, name="ledger")

@@ -1,4 +1,4 @@
-"""The commands that run Flower or train: ``simulate``, ``baseline``, ``sweep``, ``audit``, ``bench``."""
+"""The commands that run Flower or train: ``simulate``, ``baseline``, ``sweep``, ``ablation``, ``audit``, ``bench``."""
 
 from __future__ import annotations
 
@@ -97,6 +97,25 @@ def sweep(
         eps = parse_epsilons(epsilons)
         names = [b.strip() for b in baselines.split(",") if b.strip()]
         run(run_config(config, set_), out, eps, seeds, names, log=console.print, report_only=report_only)
+
+
+def ablation(
+    out: OutOpt,
+    epsilons: Annotated[str, typer.Option(help="Comma-separated ε values; inf = no DP.")] = "8,inf",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per cell (the `seed` setting is offset by 0..N-1).")] = 1,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    report_only: Annotated[bool, typer.Option(help="Run nothing: the table from the cells finished so far.")] = False,
+) -> None:
+    """What each part adds: prior alone, text tower alone, round 0, one trained part at a time, all parts;
+    ablation.csv and ablation.md in --out (resumable)."""
+    from simulations.ablation import ablation as run
+    from simulations.sweep import parse_epsilons
+
+    with run_errors():
+        result = run(run_config(config, set_), out, parse_epsilons(epsilons), seeds, log=console.print,
+                     report_only=report_only)
+    console.print(result["markdown"], markup=False, highlight=False, soft_wrap=True)
 
 
 def audit(

@@ -86,7 +86,8 @@ def plan(epsilons: list[float], seeds: int, baselines: list[str]) -> list[Cell]:
 
 
 def run_cell(cell: Cell, config: dict, out: Path, log: Callable[[str], None]) -> dict:
-    """Run one cell into ``out`` (resuming a federated cell that has a checkpoint)."""
+    """Run one cell into ``out`` (resuming a federated cell that has a checkpoint); progress
+    lines name the cell by its folder (the ablation runs its arms as federated cells)."""
     cfg = dict(config) | {"epsilon": cell.epsilon, "seed": int(config.get("seed", 0)) + cell.seed}
     if cell.method == "federated":
         from server.recorder import usable_checkpoint
@@ -96,7 +97,7 @@ def run_cell(cell: Cell, config: dict, out: Path, log: Callable[[str], None]) ->
         resume = usable_checkpoint(out) is not None  # else a cell cut short before round 1 starts again
         return simulate(cfg, out, resume=resume, overwrite=not resume and holds_run(out),
                         on_progress=lambda p: log(
-                            f"  {cell.name} round {p['round']} NDCG@10 {p['ndcg@10']:.4f} ε {p['epsilon']:.2f}"))
+                            f"  {out.name} round {p['round']} NDCG@10 {p['ndcg@10']:.4f} ε {p['epsilon']:.2f}"))
     from simulations.baselines import run_baseline
 
     return run_baseline(cell.method, cfg, out)
@@ -192,6 +193,53 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def per_cell_config(config: dict, log: Callable[[str], None]) -> dict:
+    """``config`` checked (bad keys fail before anything runs) and without the keys each cell
+    sets itself (ε, output and ledger folders), with a note for each one dropped.
+
+    >>> per_cell_config({"epsilon": 4.0, "num-sites": 3}, log=print)
+    note: setting epsilon is set per cell; the given value is ignored
+    {'num-sites': 3}
+    """
+    Settings.from_config(dict(config))
+    for key in ("epsilon", "out-dir", "ledger-dir"):
+        if key in config:
+            log(f"note: setting {key} is set per cell; the given value is ignored")
+            config = {k: v for k, v in config.items() if k != key}
+    return config
+
+
+def run_cells(cells: list[Cell], run: Callable[[Cell, Path], dict], out: Path, log: Callable[[str], None],
+              report_only: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """``run(cell, out / cell.name)`` for each cell in order, unless its folder holds a
+    ``summary.json`` (finished before: skipped) or ``report_only`` (missing: nothing runs).
+    Returns the names (ran, skipped, missing).
+
+    Example::
+
+        ran, skipped, missing = run_cells(plan([8.0], 1, []), lambda c, d: run_cell(c, config, d, print), out, print)
+    """
+    ran, skipped, missing = [], [], []
+    for i, cell in enumerate(cells, 1):
+        cell_dir = out / cell.name
+        if (cell_dir / "summary.json").exists():
+            skipped.append(cell.name)
+            log(f"[{i}/{len(cells)}] {cell.name}: done before, skipped")
+            continue
+        if report_only:
+            missing.append(cell.name)
+            log(f"[{i}/{len(cells)}] {cell.name}: not finished, left out of the table")
+            continue
+        t0 = time.time()
+        log(f"[{i}/{len(cells)}] {cell.name}: running")
+        summary = run(cell, cell_dir)
+        best = summary["best_validation"]
+        log(f"[{i}/{len(cells)}] {cell.name}: NDCG@10 {best['ndcg@10']:.4f} (round {summary['best_round']}), "
+            f"{time.time() - t0:.0f}s")
+        ran.append(cell.name)
+    return ran, skipped, missing
+
+
 def sweep(
     config: dict,
     out: str | Path,
@@ -209,32 +257,12 @@ def sweep(
     """
     if seeds < 1:
         raise ConfigError("--seeds must be >= 1")
-    Settings.from_config(dict(config))  # bad keys fail before anything runs
-    for key in ("epsilon", "out-dir", "ledger-dir"):
-        if key in config:
-            log(f"note: setting {key} is set per cell by the sweep; the given value is ignored")
-            config = {k: v for k, v in config.items() if k != key}
+    config = per_cell_config(config, log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cells = plan(epsilons, seeds, list(baselines))
-    ran, skipped, missing = [], [], []
-    for i, cell in enumerate(cells, 1):
-        cell_dir = out / cell.name
-        if (cell_dir / "summary.json").exists():
-            skipped.append(cell.name)
-            log(f"[{i}/{len(cells)}] {cell.name}: done before, skipped")
-            continue
-        if report_only:
-            missing.append(cell.name)
-            log(f"[{i}/{len(cells)}] {cell.name}: not finished, left out of the table")
-            continue
-        t0 = time.time()
-        log(f"[{i}/{len(cells)}] {cell.name}: running")
-        summary = run_cell(cell, config, cell_dir, log)
-        best = summary["best_validation"]
-        log(f"[{i}/{len(cells)}] {cell.name}: NDCG@10 {best['ndcg@10']:.4f} (round {summary['best_round']}), "
-            f"{time.time() - t0:.0f}s")
-        ran.append(cell.name)
+    ran, skipped, missing = run_cells(cells, lambda cell, folder: run_cell(cell, config, folder, log), out, log,
+                                      report_only)
     rows = table(cells, out)
     write_csv(rows, out / "sweep.csv")
     settings = Settings.from_config(dict(config))
