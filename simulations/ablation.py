@@ -52,7 +52,7 @@ ARMS = (
 PARTS = ("train-lora", "train-fusion", "train-bias")
 FEDERATED = {key: {part: part in trains for part in PARTS} for key, _, trains in ARMS if trains}
 COLUMNS = ("arm", "part", "epsilon", "seeds", "ndcg@10", "ndcg@10_std", "hr@10", "hr@10_std", "x_popularity",
-           "rounds")
+           "over_round0", "rounds")
 
 
 def plan(epsilons: list[float], seeds: int) -> list[Cell]:
@@ -109,20 +109,28 @@ def run_arm(cell: Cell, config: dict, out: Path, log: Callable[[str], None]) -> 
     return run_cell(cell, config, out, log)  # popularity, zeroshot
 
 
+def _round0(folder: Path) -> dict:
+    return next(row for row in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if row["round"] == 0)
+
+
 def _results(cell: Cell, out: Path) -> dict | None:
-    """Test NDCG@10 and HR@10 at the best-validation round (round 0 for ``round0``), or None."""
+    """Test NDCG@10 and HR@10 at the best-validation round (round 0 for ``round0``), or None;
+    a trained arm also gives its gain over its own round 0 (each run draws its own noisy prior)."""
     if cell.method == "round0":
         full = out / Cell("federated", cell.epsilon, cell.seed).name
         if not (full / "summary.json").exists():
             return None
-        line = next(row for row in map(json.loads, (full / "metrics.jsonl").read_text().splitlines()) if row["round"] == 0)
+        line = _round0(full)
         return {"ndcg@10": line["test/ndcg@10"], "hr@10": line["test/hr@10"], "round": 0}
     path = out / cell.name / "summary.json"
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
     best = summary["best_validation"]
-    return {"ndcg@10": best["test/ndcg@10"], "hr@10": best["test/hr@10"], "round": summary["best_round"]}
+    found = {"ndcg@10": best["test/ndcg@10"], "hr@10": best["test/hr@10"], "round": summary["best_round"]}
+    if cell.method in FEDERATED:
+        found["over_round0"] = best["test/ndcg@10"] - _round0(out / cell.name)["test/ndcg@10"]
+    return found
 
 
 def table(epsilons: list[float], seeds: int, out: Path) -> list[dict]:
@@ -150,13 +158,15 @@ def table(epsilons: list[float], seeds: int, out: Path) -> list[dict]:
                 values = np.array([r[k] for r in found], dtype=float)
                 row[k], row[f"{k}_std"] = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
             row["x_popularity"] = row["ndcg@10"] / popularity["ndcg@10"] if popularity else math.nan
+            if arm in FEDERATED:
+                row["over_round0"] = float(np.mean([r["over_round0"] for r in found]))
             rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict], epsilons: list[float], popularity: dict | None) -> str:
-    """The table with one column group (NDCG@10, HR@10, × popularity) per ε; "–" where a cell
-    is not finished.
+    """The table with one column group (NDCG@10, HR@10, × popularity, gain over the run's own
+    round 0) per ε; "–" where a cell is not finished or a row has no such number.
 
     Example::
 
@@ -167,20 +177,21 @@ def markdown(rows: list[dict], epsilons: list[float], popularity: dict | None) -
     head = ["part"]
     for label in labels:
         name = "∞" if label == "inf" else label
-        head += [f"ε={name} NDCG@10", "HR@10", "× pop."]
+        head += [f"ε={name} NDCG@10", "HR@10", "× pop.", "Δ own round 0"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, part, _ in ARMS:
         cells = [part]
         for label in labels:
             r = by_key.get((arm, label))
             if r is None:
-                cells += ["–"] * 3
+                cells += ["–"] * 4
                 continue
             std = f" ± {r['ndcg@10_std']:.4f}" if r["seeds"] > 1 else ""
-            cells += [f"{r['ndcg@10']:.4f}{std}", f"{r['hr@10']:.4f}", f"{r['x_popularity']:.2f}"]
+            gain = f"{r['over_round0']:+.4f}" if "over_round0" in r else "–"
+            cells += [f"{r['ndcg@10']:.4f}{std}", f"{r['hr@10']:.4f}", f"{r['x_popularity']:.2f}", gain]
         lines.append("| " + " | ".join(cells) + " |")
     if popularity:
-        ref = [f"{popularity['ndcg@10']:.4f}", f"{popularity['hr@10']:.4f}", "1.00"]
+        ref = [f"{popularity['ndcg@10']:.4f}", f"{popularity['hr@10']:.4f}", "1.00", "–"]
         lines.append("| most popular (exact counts, non-private) | " + " | ".join(ref * len(labels)) + " |")
     return "\n".join(lines) + "\n"
 

@@ -77,8 +77,10 @@ def test_ablation_arms_settings_and_table(toy_args, toy_dir, tiny_bert, tmp_path
         for arm, code in (("lora-only", 0.01), ("fusion-only", 0.02), ("bias-only", 0.04), ("federated", 0.07)):
             assert float(rows[arm, e]["ndcg@10"]) == pytest.approx(code) and rows[arm, e]["rounds"] == "1"
             assert float(rows[arm, e]["hr@10"]) == pytest.approx(2 * code)
+            assert float(rows[arm, e]["over_round0"]) == pytest.approx(code - 0.005)
             assert float(rows[arm, e]["x_popularity"]) == pytest.approx(code / popularity["ndcg@10"], rel=1e-5)
         assert float(rows["round0", e]["ndcg@10"]) == 0.005 and rows["round0", e]["rounds"] == "0"
+        assert rows["round0", e]["over_round0"] == rows["prior", e]["over_round0"] == ""
         assert float(rows["prior", e]["ndcg@10"]) == pytest.approx(popularity["ndcg@10"])
         assert float(rows["prior", e]["hr@10"]) == pytest.approx(popularity["hr@10"])
         assert float(rows["prior", e]["x_popularity"]) == pytest.approx(1.0)
@@ -86,10 +88,10 @@ def test_ablation_arms_settings_and_table(toy_args, toy_dir, tiny_bert, tmp_path
     assert float(rows["zeroshot", "8"]["ndcg@10"]) == pytest.approx(zeroshot["test/ndcg@10"], rel=1e-5)
     table = (out / "ablation.md").read_text()
     assert table in first.output
-    assert "| part | ε=8 NDCG@10 | HR@10 | × pop. | ε=∞ NDCG@10 | HR@10 | × pop. |" in table
+    assert "| part | ε=8 NDCG@10 | HR@10 | × pop. | Δ own round 0 | ε=∞ NDCG@10 | HR@10 | × pop. | Δ own round 0 |" in table
     for _, part, _ in ARMS:
         assert f"| {part} |" in table
-    assert "| + LoRA only | 0.0100 | 0.0200 |" in table
+    assert "| + LoRA only | 0.0100 | 0.0200 |" in table and "| +0.0050 |" in table
 
     again = CliRunner().invoke(app, args)  # resumable: every cell is finished, nothing runs
     assert again.exit_code == 0, again.output
