@@ -87,7 +87,7 @@ def run_settings(values: dict, device: str = "auto") -> Settings:
     saved as ``null`` (strict JSON's non-finite float) falls back to its default, which only
     privacy and output keys can have.
 
-    >>> run_settings({"k-core": 5, "epsilon": None, "gone-key": 1}, "cpu")["device"]
+    >>> run_settings({"k-core": 5, "epsilon": None, "gone-key": 1}, "cpu").train.device
     'cpu'
     """
     known = {k: v for k, v in values.items() if k in KEYS and v is not None}

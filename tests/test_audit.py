@@ -136,7 +136,7 @@ def test_audit_dataset_keeps_the_federation_and_puts_canaries_at_one_site(synthe
     in_ids = {canaries.ids[i] for i in np.flatnonzero(canaries.included)}
     assert {uid for uid in audited.user_ids if uid.startswith(CANARY_PREFIX)} == in_ids  # the out ones are absent
 
-    groups = partition_users(audited, 4, audit["partition"], audit["partition-column"])
+    groups = partition_users(audited, 4, audit.split.partition, audit.split.partition_column)
     as_sets = [{audited.user_ids[u] for u in g} for g in groups]
     for original in sites:  # every real site is still one site
         ids = {data.user_ids[u] for u in original}
