@@ -19,8 +19,6 @@ from common.evaluation import HeldOutUsers
 from common.prior import log_prior
 from simulations.ablation import ARMS
 
-PARTS = ("train-lora", "train-fusion", "train-bias")
-
 
 @pytest.fixture()
 def toy_args(toy_dir, tiny_bert) -> list[str]:
@@ -35,7 +33,7 @@ def _fake_run(prior: np.ndarray, calls: list):
 
     def simulate(cfg, out, resume=False, overwrite=False, on_progress=None, **_):
         s = Settings.from_config(cfg)
-        trains = tuple(s.values[p] for p in PARTS)
+        trains = (s.model.train_lora, s.model.train_fusion, s.model.train_bias)
         calls.append((s.privacy.epsilon, s.run.seed, trains, out.name))
         code = sum(bit << i for i, bit in enumerate(trains)) / 100  # 0.01 .. 0.07
         lines = [{"round": 0, "valid/ndcg@10": 0.1, "test/ndcg@10": 0.005, "test/hr@10": 0.05},
