@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Callable
@@ -36,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from common.config import ConfigError, Settings
-from common.files import atomic_write, atomic_write_text
-from simulations.sweep import Cell, eps_label, per_cell_config, run_cell, run_cells
+from common.files import atomic_write_text
+from simulations.sweep import Cell, eps_label, per_cell_config, run_cell, run_cells, write_csv
 
 # (key, row label, the parts that train; None: not a federated run)
 ARMS = (
@@ -196,17 +195,6 @@ def markdown(rows: list[dict], epsilons: list[float], popularity: dict | None) -
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-    atomic_write(path, write)
-
-
 def ablation(config: dict, out: str | Path, epsilons: list[float], seeds: int = 1,
              log: Callable[[str], None] = print, report_only: bool = False) -> dict:
     """Run every unfinished cell, then write ``ablation.csv`` and ``ablation.md`` in ``out``.
@@ -234,7 +222,7 @@ def ablation(config: dict, out: str | Path, epsilons: list[float], seeds: int = 
     ran, skipped, missing = run_cells(plan(epsilons, seeds), lambda cell, folder: run_arm(cell, config, folder, log),
                                       out, log, report_only)
     rows = table(epsilons, seeds, out)
-    write_csv(rows, out / "ablation.csv")
+    write_csv(rows, out / "ablation.csv", COLUMNS)
     text = markdown(rows, epsilons, _results(Cell("popularity", math.inf, 0), out))
     atomic_write_text(out / "ablation.md", text)
     log(f"ran {len(ran)} cell(s), skipped {len(skipped)} finished, left out {len(missing)} unfinished; "
