@@ -46,25 +46,11 @@ def screen(roster: SiteRoster, record: RoundRecord, sent: list[Message], replies
     """Sort the ``replies`` to the messages ``sent`` into ``record``; return the usable
     (reply, checked value) pairs and every site report (metrics and report fields).
     ``check(reply) -> (value or None, why)`` judges one reply's payload."""
-    # The SuperLink answers for a node it lost ("Node Unavailable") from its own id: a
-    # reply belongs to the node its question went to.
-    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
-
-    def sender(msg: Message) -> int:
-        return asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-
     for msg in replies:
         roster.learn(msg)
-    nodes = [m.metadata.dst_node_id for m in sent]
-    record.sampled = [roster.label(n) for n in nodes]
-    answered = {sender(m) for m in replies}
-    record.replied = [roster.label(n) for n in sorted(answered)]
-    for node in nodes:
-        if node not in answered:
-            record.failed[roster.label(node)] = "no reply within round-timeout"
+    answers = attribute(roster, record, sent, replies)
     usable, reports = [], []
-    for msg in replies:
-        node = sender(msg)
+    for node, msg in answers:
         who = roster.label(node)
         if msg.has_error():
             record.failed[who] = msg.error.reason or f"error code {msg.error.code}"
@@ -100,24 +86,32 @@ def evaluation_record(roster: SiteRoster, sent: list[Message], replies: list[Mes
     Not :func:`screen`: a DP site refusing to evaluate is its policy, not a reason to stop
     asking it to train."""
     record = RoundRecord("evaluate")
-    # "Node Unavailable" comes from the SuperLink's id: a reply belongs to the node that was asked
-    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
-    record.sampled = [roster.label(m.metadata.dst_node_id) for m in sent]
-    answered = set()
-    for msg in replies:
-        node = asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+    for node, msg in attribute(roster, record, sent, replies):
         who = roster.label(node)
-        answered.add(node)
         metrics = None if msg.has_error() else msg.content.metric_records.get("metrics")
         if msg.has_error():
             record.failed[who] = msg.error.reason or f"error code {msg.error.code}"
         elif metrics is not None and metrics.get("refused", 0):
             report = msg.content.config_records.get("report")
             record.refused[who] = str(report.get("reason", "")) if report is not None else ""
-    record.replied = [roster.label(n) for n in sorted(answered)]
-    for m in sent:
-        if m.metadata.dst_node_id not in answered:
-            record.failed[roster.label(m.metadata.dst_node_id)] = "no reply within round-timeout"
     for who, why in record.failed.items():
         log(logging.WARNING, "fedenc: evaluation failed at site %s: %s", who, why)
     return record
+
+
+def attribute(roster: SiteRoster, record: RoundRecord, sent: list[Message],
+              replies: list[Message]) -> list[tuple[int, Message]]:
+    """Each reply with the node its question went to; ``record`` gets who was sampled,
+    who replied, and every node that sent no reply as failed."""
+    # The SuperLink answers for a node it lost ("Node Unavailable") from its own id: a
+    # reply belongs to the node its question went to.
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    answers = [(asked.get(m.metadata.reply_to_message_id, m.metadata.src_node_id), m) for m in replies]
+    answered = {node for node, _ in answers}
+    nodes = [m.metadata.dst_node_id for m in sent]
+    record.sampled = [roster.label(n) for n in nodes]
+    record.replied = [roster.label(n) for n in sorted(answered)]
+    for node in nodes:
+        if node not in answered:
+            record.failed[roster.label(node)] = "no reply within round-timeout"
+    return answers
