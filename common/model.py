@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import SplitEncoder, add_lora, find_layers, hidden_size, is_decoder_only, load_backbone
+from .memory import rows_per_pass
 from .settings import ModelSettings
 
 
@@ -148,6 +149,7 @@ class Recommender(nn.Module):
         states = batch["text"]
         if not states.is_floating_point():
             states = self.encoder.lower(states, batch["mask"])  # (B, T, H), no grad: frozen
+        states = states.to(self.bank.dtype)  # cached in fp16 (cache-fp16): the layers above run in fp32
         text = F.normalize(self.encoder(states, batch["mask"]), dim=-1)  # (B, H)
         history = batch["history"]  # (B, M)
         valid = history >= 0
@@ -188,20 +190,23 @@ class Recommender(nn.Module):
         self._set_trainable()
 
     @torch.no_grad()
-    def lower_states(self, ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def lower_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Frozen lower-layer states of token ids, (U, T) -> (U, T, H), computed in batches.
 
-        Bit-identical to what the full forward computes, and unchanged by training (no
-        LoRA below the split): compute once, reuse every step and every round.
+        Unchanged by training (no LoRA below the split): compute once, reuse every step and
+        every round. Bit-identical to what the full forward computes, unless ``cache-fp16``
+        keeps them rounded to fp16 (half the memory of the largest thing a process holds).
         """
         if self.encoder.split == 0:
             return ids
         device = self.bank.device
+        batch_size = rows_per_pass(ids.shape[1] * 4 * self.bank.shape[1] * 4, device)  # (T, 4H) fp32 FFN activations
         out = None  # filled in place: a list of batches then torch.cat would hold every state twice
         for i in range(0, len(ids), batch_size):
             states = self.encoder.lower(ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
             if out is None:
-                out = torch.empty((len(ids), *states.shape[1:]), dtype=states.dtype)
+                dtype = torch.float16 if self.settings.cache_fp16 else states.dtype
+                out = torch.empty((len(ids), *states.shape[1:]), dtype=dtype)
             out[i : i + len(states)] = states.cpu()
         return out if out is not None else torch.empty((0, ids.shape[1], self.bank.shape[1]))
 

@@ -160,7 +160,7 @@ class SequentialRecommender(nn.Module):
         self.prior.copy_(torch.as_tensor(log_popularity, dtype=torch.float32))
         self._set_trainable()
 
-    def lower_states(self, ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def lower_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """No frozen text layers to cache: the item indices are the input."""
         return ids
 

@@ -165,6 +165,9 @@ class ModelSettings:
     train_fusion: bool = setting("train-fusion", True, "train the fusion gate and recency attention")
     # frozen layers below LoRA computed once, bit-identical
     cache_lower_layers: bool = setting("cache-lower-layers", True, "compute frozen lower layers once")
+    # the cache is most of a process's memory (48 x 384 values per user): half of it, at a
+    # rounding of 5e-4 relative, well inside run-to-run DP noise (docs/BENCH.md, "Memory")
+    cache_fp16: bool = setting("cache-fp16", True, "keep the cached lower-layer states in fp16 (half the memory)")
     # fused keeps existing runs and results; sequential: common/sequential.py (UniSRec-shaped)
     kind: str = setting("model-kind", "fused", "fused | sequential", choices=("fused", "sequential"))
     # the prototype's best without DP; 32 did better under DP (fewer noisy parameters)

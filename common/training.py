@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .adapter import load_trainable_state, trainable_state
 from .examples import EvalRows
 from .ledger import PrivacyLedger
+from .memory import release_freed_memory, rows_per_pass
 from .privacy import BudgetExhausted, PrivacyError, PrivacySettings, TooFewUsers, calibrate_noise
 from .settings import TrainSettings
 
@@ -37,7 +38,9 @@ def as_batch(tensors, device) -> dict[str, torch.Tensor]:
 def with_lower_states(model, rows: TensorDataset) -> TensorDataset:
     """The same rows with token ids replaced by their cached frozen lower-layer states."""
     text, mask, *rest = rows.tensors
-    return TensorDataset(model.lower_states(text, mask), mask, *rest)
+    states = model.lower_states(text, mask)
+    release_freed_memory()  # the encoding's activations, hundreds of MB
+    return TensorDataset(states, mask, *rest)
 
 
 def _empty_batch(dataset: TensorDataset, device) -> dict[str, torch.Tensor]:
@@ -163,6 +166,7 @@ def train_local(
         if ledger is not None:
             ledger.count_round()
         metrics |= {"epsilon": 0.0, "delta": 0.0, "noise_multiplier": 0.0, "sample_rate": 0.0}
+    release_freed_memory()  # the steps' activations and per-sample gradients
     return trainable_state(model), metrics
 
 
@@ -196,8 +200,19 @@ def cycle(loader):
 # -- evaluation ---------------------------------------------------------------------------
 
 
+def _row_bytes(model, rows: EvalRows) -> int:
+    """Bytes of scoring's largest activation per row: the top layer's (T, 4H) FFN over cached
+    states, or the (N,) scores with their copies (a scorer without a bank: 1 MB)."""
+    bank = getattr(model, "bank", None)
+    if bank is None:
+        return 2**20
+    states = rows.dataset.tensors[0]
+    ffn = states.shape[1] * 4 * states.shape[2] * 4 if states.dim() == 3 else 0
+    return max(ffn, 3 * 4 * bank.shape[0])
+
+
 @torch.no_grad()
-def rank_of_targets(model, rows: EvalRows, device, batch_size: int = 256) -> tuple[np.ndarray, float]:
+def rank_of_targets(model, rows: EvalRows, device, batch_size: int | None = None) -> tuple[np.ndarray, float]:
     """0-based rank of each user's held-out item among all items not in their history,
     and the mean cross-entropy of that item (validation loss).
 
@@ -206,7 +221,7 @@ def rank_of_targets(model, rows: EvalRows, device, batch_size: int = 256) -> tup
     with everything and would otherwise rank first."""
     model.eval()
     ranks, losses = [], []
-    loader = DataLoader(rows.dataset, batch_size=batch_size)
+    loader = DataLoader(rows.dataset, batch_size=batch_size or rows_per_pass(_row_bytes(model, rows), device))
     offset = 0
     for tensors in loader:
         batch = as_batch(tensors, device)
@@ -215,16 +230,18 @@ def rank_of_targets(model, rows: EvalRows, device, batch_size: int = 256) -> tup
         target = batch["targets"][:, 0]
         target_score = scores.gather(1, target[:, None])  # (B, 1)
         diverged = ~torch.isfinite(scores).all(1)  # before history masking adds its own -inf
-        last = torch.empty_like(target)
-        for i in range(scores.shape[0]):  # history items are excluded from the ranking
-            seen = torch.as_tensor(rows.exclude[offset + i], device=device)
-            others = seen[seen != target[i]].unique()
-            scores[i, others] = -math.inf
-            last[i] = scores.shape[1] - 1 - others.numel()
+        seen = rows.exclude[offset : offset + len(target)]  # history items are excluded from the ranking
+        users = torch.repeat_interleave(torch.arange(len(seen)), torch.as_tensor([len(e) for e in seen]))
+        excluded = torch.zeros_like(scores, dtype=torch.bool)  # (B, N)
+        excluded[users.to(device), torch.as_tensor(np.concatenate(seen), dtype=torch.long, device=device)] = True
+        excluded[torch.arange(len(target), device=device), target] = False  # the held-out item itself stays
+        scores.masked_fill_(excluded, -math.inf)
+        last = scores.shape[1] - 1 - excluded.sum(1)
         rank = torch.where(diverged, last, (scores > target_score).sum(1))
         ranks.append(rank.cpu().numpy())
         offset += scores.shape[0]
     model.train()
+    release_freed_memory()  # the batches' (B, N) scores and masks
     n = max(offset, 1)
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64), sum(losses) / n
 

@@ -235,7 +235,7 @@ def run_baseline(name: str, config: dict, out: str | Path) -> dict:
     settings = Settings.from_config(config)
     from simulations.simulate import check_inputs
 
-    check_inputs(settings)
+    check_inputs(settings, in_child=False)  # this process loads the data next anyway
     if name in LIBRARY_BASELINES:
         return run_library_baseline(name, settings, out)
     return {"popularity": popularity, "zeroshot": zeroshot, "centralized": centralized, "local": local}[name](settings, out)

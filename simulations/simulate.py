@@ -38,29 +38,56 @@ class SimulationFailed(RuntimeError):
     """The run did not complete; the message says where to look."""
 
 
-def check_inputs(settings: Settings) -> None:
-    """Fail fast, before Flower starts, on data or partition problems (clear messages)."""
+def check_inputs(settings: Settings, in_child: bool = True) -> None:
+    """Fail fast, before Flower starts, on data or partition problems (clear messages).
+
+    ``in_child``: check in a short-lived child process. Loading and partitioning the data
+    imports pandas' and Flower Datasets' stacks and leaves ~250 MB that a driver, which only
+    starts and follows Flower, would otherwise hold for the whole run.
+    """
+    if not in_child:
+        problem = input_problem(settings)
+    else:  # a fresh interpreter, not multiprocessing: that would re-run a caller's unguarded script
+        child = subprocess.run(
+            [sys.executable, "-c", "from simulations.simulate import _print_input_problem; _print_input_problem()"],
+            input=json.dumps(settings.as_dict()), capture_output=True, text=True,
+        )
+        if child.returncode != 0:
+            raise SimulationFailed(f"checking the inputs failed: {(child.stderr.strip().splitlines() or ['no output'])[-1]}")
+        problem = child.stdout.strip()
+    if problem:
+        raise ConfigError(problem)
+
+
+def input_problem(settings: Settings) -> str | None:
+    """What is wrong with the data, partition or model of ``settings``, or None."""
     from common.data import DataError, load
     from common.partition import partition_users
     from common.settings import resolve_model_path
 
-    try:  # not cached: this process only starts Flower, it need not hold the data for the whole run
+    try:
         data = load(settings.data)
         sites = partition_users(
             data, settings.num_sites, settings.split.partition, settings.split.partition_column,
             settings.split.dirichlet_alpha, settings.run.seed,
         )
     except DataError as err:
-        raise ConfigError(str(err)) from None
+        return str(err)
     batch = settings.privacy.expected_batch
     if settings.private and all(len(s) < batch for s in sites):  # some may sit out, not all
-        raise ConfigError(
+        return (
             f"expected-batch: every site has fewer users (at most {max(len(s) for s in sites)}) than one "
             f"expected DP batch ({batch}), so no site could train; lower expected-batch or use fewer sites"
         )
     path = resolve_model_path(settings.model.model)
     if not Path(path).exists():
-        raise ConfigError(f"model: {settings.model.model!r} is not a folder on this machine (nothing is downloaded)")
+        return f"model: {settings.model.model!r} is not a folder on this machine (nothing is downloaded)"
+    return None
+
+
+def _print_input_problem() -> None:
+    """:func:`check_inputs`' child: settings (``as_dict``) as JSON on stdin, the problem on stdout."""
+    print(input_problem(Settings.from_config(json.loads(sys.stdin.read()))) or "")
 
 
 @interrupt_on_signals()  # SIGTERM, like Ctrl-C, ends in the finally below that stops Flower's processes

@@ -87,11 +87,11 @@ def test_per_sample_gradients_match_one_user_at_a_time(
     user's own loss computed alone (docs/DESIGN.md, "Privacy model"; guards Opacus issue #820)."""
     if encoder == "bert":  # real catalogue (10k items), lower layers cached
         model = make(request.getfixturevalue("tiny_bert"), movietweetings[0].catalogue.texts,
-                     LoraSettings(ffa=ffa), train_projection=True, learn_logit_scale=True)
+                     LoraSettings(ffa=ffa), train_projection=True, learn_logit_scale=True, cache_fp16=False)
         rows = rows_for(model, movietweetings, range(8))
     else:  # decoder-only, last-token pooling; the toy catalogue keeps the bank cheap
         model = make(request.getfixturevalue("tiny_llama"), toy_split[0].catalogue.texts,
-                     LoraSettings(ffa=ffa), train_projection=True, learn_logit_scale=True)
+                     LoraSettings(ffa=ffa), train_projection=True, learn_logit_scale=True, cache_fp16=False)
         rows = rows_for(model, toy_split, range(4), targets=2)
     assert model.encoder.split == 1  # the lower layer is cached: the split path is what is checked
     model.set_prior(torch.randn(len(model.bank)))  # a popularity prior makes its weight trainable
@@ -99,7 +99,7 @@ def test_per_sample_gradients_match_one_user_at_a_time(
     perturb(model)
     model.train()
     batch = as_batch(with_lower_states(model, rows).tensors, "cpu")
-    assert batch["text"].dtype == dtype
+    assert batch["text"].dtype == dtype  # cache-fp16 off: the check runs at the model's precision
     n_users = batch["mask"].shape[0]
 
     named = trainable(model)
@@ -274,6 +274,25 @@ def test_split_forward_equals_full_forward_bit_for_bit(request, encoder):
             assert torch.equal(split.lower(ids, mask), states)  # and not below the split
     # The block list is restored after the upper-only forward.
     assert len(split._layers) == 2 and len(getattr(split._parent, split._attr)) == 2
+
+
+def test_fp16_cache_halves_the_states_and_keeps_the_scores(tiny_bert, movietweetings):
+    """``cache-fp16`` stores the frozen states rounded to fp16; the layers above still run in
+    fp32, so the scores move by rounding only. Without it the cache is exact."""
+    exact = make(tiny_bert, movietweetings[0].catalogue.texts, cache_fp16=False)
+    half = make(tiny_bert, movietweetings[0].catalogue.texts, cache_fp16=True)
+    half.load_state_dict(exact.state_dict())
+    rows = rows_for(exact, movietweetings, range(16))
+    full = as_batch(rows.tensors, "cpu")  # token ids: the whole forward, nothing cached
+    cached = {m: as_batch(with_lower_states(m, rows).tensors, "cpu") for m in (exact, half)}
+    assert cached[exact]["text"].dtype == torch.float32 and cached[half]["text"].dtype == torch.float16
+    assert cached[half]["text"].nbytes * 2 == cached[exact]["text"].nbytes
+    with torch.no_grad():
+        reference = exact.score_all(full)
+        assert torch.equal(exact.score_all(cached[exact]), reference)
+        rounded = half.score_all(cached[half])
+    assert not torch.equal(rounded, reference)  # the rounding is real ...
+    torch.testing.assert_close(rounded, reference, rtol=0, atol=1e-2)  # ... and small next to scores of ~±8
 
 
 # --- 6. training helps -------------------------------------------------------------------------
