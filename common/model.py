@@ -148,8 +148,9 @@ class Recommender(nn.Module):
     def user_vector(self, batch: dict) -> torch.Tensor:
         states = batch["text"]
         if not states.is_floating_point():
-            states = self.encoder.lower(states, batch["mask"])  # (B, T, H), no grad: frozen
-        states = states.to(self.bank.dtype)  # cached in fp16 (cache-fp16): the layers above run in fp32
+            states = self.encoder.lower(states, batch["mask"])  # (B, T, H), no grad: frozen; ids if nothing is cached
+        if states.is_floating_point():
+            states = states.to(self.bank.dtype)  # cached in fp16 (cache-fp16): the layers above run in fp32
         text = F.normalize(self.encoder(states, batch["mask"]), dim=-1)  # (B, H)
         history = batch["history"]  # (B, M)
         valid = history >= 0

@@ -184,3 +184,29 @@ def last_error(log_path: Path) -> str:
         if hits:
             return hits[-1][:300]
     return "no error line found"
+
+
+def staged_app(app: Path, into: Path) -> Path:
+    """A copy of the Flower app folder ``app`` in ``into`` with only what runs: its top-level
+    files and its Python packages (folders with an ``__init__.py``), without caches.
+
+    ``flwr run`` walks and resolves every file under the folder it is given before it
+    filters what goes into the app bundle: with a virtual environment and run folders
+    inside the project it took 4.2 s to bundle 600 KB (Flower 1.42). Returns ``into``.
+
+    Example::
+
+        flwr_run_folder = staged_app(Path("."), Path(tempfile.mkdtemp()))
+    """
+    import shutil
+
+    into.mkdir(parents=True, exist_ok=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for entry in Path(app).iterdir():
+        if entry.is_symlink():  # Flower leaves links out of the bundle too
+            continue
+        if entry.is_file():
+            shutil.copy2(entry, into / entry.name)
+        elif entry.is_dir() and (entry / "__init__.py").is_file():
+            shutil.copytree(entry, into / entry.name, ignore=skip, dirs_exist_ok=True)
+    return into

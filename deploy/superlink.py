@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
 import subprocess
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from deploy import DeployError
 from deploy.certs import check_certs, need_file
-from deploy.processes import flower_env, last_error, stop_tree, wait_healthy
+from deploy.processes import flower_env, last_error, staged_app, stop_tree, wait_healthy
 
 PROJECT = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml lives here
 
@@ -99,7 +100,9 @@ def run_federation(
     started = time.time_ns()  # a summary or failure written after this is *this* run's; an older one is left as it is
     log_path = Path(log_path or out / "flower.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["flwr", "run", str(PROJECT), connection, "--run-config", str(need_file(run_config, "run config")), "--stream"]
+    config_file = need_file(run_config, "run config")
+    staged = Path(tempfile.mkdtemp(prefix="fedenc-app-"))
+    cmd = ["flwr", "run", str(staged_app(PROJECT, staged)), connection, "--run-config", str(config_file), "--stream"]
     deadline = time.monotonic() + timeout
     with open(log_path, "w") as log:
         run = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -111,6 +114,8 @@ def run_federation(
         finally:
             if run.poll() is None:
                 stop_tree(run)
+            shutil.rmtree(staged, ignore_errors=True)
+
     def written(path: Path) -> bool:
         return path.exists() and path.stat().st_mtime_ns >= started
 

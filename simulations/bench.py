@@ -20,10 +20,13 @@ keeps what finished and says which parts ran.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import tomli_w
 import torch
 
 from common.adapter import load_trainable_state
@@ -44,7 +48,7 @@ from common.ledger import PrivacyLedger
 from common.model import Recommender
 from common.site import Site, SiteHost, dataset
 from common.training import with_lower_states
-from deploy.processes import interrupt_on_signals
+from deploy.processes import interrupt_on_signals, stop_tree
 from simulations.step_numbers import measure_step, parameter_counts
 
 
@@ -116,16 +120,21 @@ class TreeMemory:
     Ray workers), each process once, as PSS: shared pages (torch's libraries, Ray's object
     store) are split between the processes that map them instead of counted in each."""
 
-    def __init__(self, interval: float = 1.0):
+    def __init__(self, root: int | None = None, interval: float = 2.0):  # smaps: ~30 ms per GB-sized process
+        """``root``: the process whose tree is measured (default: this one)."""
         self.peak = 0
+        self._root = psutil.Process(root)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
 
     def _run(self, interval: float) -> None:
-        me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            procs = {p.pid: p for p in [me] + me.children(recursive=True) + _orphans()}
+            try:
+                tree = [self._root] + self._root.children(recursive=True)
+            except psutil.Error:
+                tree = []
+            procs = {p.pid: p for p in tree + _orphans()}
             for p in procs.values():
                 try:
                     total += p.memory_full_info().pss
@@ -331,31 +340,47 @@ def _evaluation(settings: Settings, result: dict, progress, time_left: float | N
 
 
 def _overhead(config: dict, settings: Settings, out: Path, result: dict, progress, time_left: float | None) -> None:
-    from simulations.simulate import SimulationFailed, simulate
-
     torch.set_num_threads(max(1, psutil.cpu_count() or 1))
-    with _within(time_left):
+    with _within(time_left), TreeMemory() as bare_mem:  # sampled as the Flower arm is: the same sampling cost
         bare_seconds, bare_metrics = bare_loop(settings)
-    result |= {"bare_loop_seconds": bare_seconds, "bare_loop_ndcg@10": bare_metrics["test/ndcg@10"]}
+    result |= {"bare_loop_seconds": bare_seconds, "bare_loop_ndcg@10": bare_metrics["test/ndcg@10"],
+               "bare_loop_peak_pss_mb": bare_mem.peak / 2**20}
     progress(f"bare loop: {bare_seconds:.1f} s, NDCG@10 {bare_metrics['test/ndcg@10']:.4f}")
     timeout = None if time_left is None else max(1.0, time_left - bare_seconds)
-    with TreeMemory() as mem:
-        start = time.perf_counter()
-        try:
-            summary = simulate(config, out / "simulate", overwrite=True, timeout=timeout)
-        except SimulationFailed:
-            if timeout is not None and time.perf_counter() - start >= timeout:
-                raise TimeLimit from None
-            raise
-        sim_seconds = time.perf_counter() - start
+    sim_seconds, peak, summary = _simulate_command(config, out, timeout)
     result |= {
         "simulate_seconds": sim_seconds,
         "framework_overhead_ratio": sim_seconds / bare_seconds,
-        "peak_pss_mb": mem.peak / 2**20,
+        "peak_pss_mb": peak / 2**20,
         "simulate_ndcg@10": summary["final"]["ndcg@10"],
     }
     progress(f"simulate: {sim_seconds:.1f} s (x{result['framework_overhead_ratio']:.2f} the bare loop), "
              f"peak PSS {result['peak_pss_mb']:.0f} MB")
+
+
+def _simulate_command(config: dict, out: Path, timeout: float | None) -> tuple[float, int, dict]:
+    """``fedenc simulate`` as a user runs it, in a process of its own (not this one, which holds
+    torch and the bare loop's leftovers): seconds, peak PSS of its whole tree, summary."""
+    config_file = out / "simulate.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    cmd = [sys.executable, "-m", "cli", "simulate", "--out", str(out / "simulate"), "--overwrite", "--config", str(config_file)]
+    start = time.perf_counter()
+    with open(out / "simulate.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    try:
+        with TreeMemory(proc.pid) as mem:
+            proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TimeLimit from None
+    finally:
+        if proc.poll() is None:  # the time limit or a signal: the command stops its Flower tree on SIGTERM
+            stop_tree(proc)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        from simulations.simulate import SimulationFailed
+
+        raise SimulationFailed(f"fedenc simulate failed (exit {proc.returncode}); see {out / 'simulate.log'}")
+    return seconds, mem.peak, json.loads((out / "simulate" / "summary.json").read_text())
 
 
 def _scale(config: dict, out: Path, result: dict, site_counts: tuple[int, ...], progress, left) -> None:

@@ -26,7 +26,16 @@ import tomli_w
 
 from common.config import ConfigError, Settings
 from common.progress import EVENTS, ROUND_RECORDED, Follower
-from deploy.processes import flower_env, free_port, interrupt_on_signals, last_error, stop_tree, uninterrupted, wait_healthy
+from deploy.processes import (
+    flower_env,
+    free_port,
+    interrupt_on_signals,
+    last_error,
+    staged_app,
+    stop_tree,
+    uninterrupted,
+    wait_healthy,
+)
 from server.recorder import FAILURE
 from simulations.outdir import RUN_FILES, Replaced, check_out_path, check_reuse, settle
 
@@ -159,8 +168,8 @@ def simulate(
     )
     run_config = out / "run_config.toml"
     run_config.write_text(tomli_w.dumps(settings.as_dict()))
-    ray_tmp = tempfile.mkdtemp(prefix="fedenc-ray-")  # short: Ray's socket paths have a length limit
-    env = flower_env(home, ray_tmp)
+    scratch = Path(tempfile.mkdtemp(prefix="fedenc-"))  # Ray's temp (short: its socket paths have a length limit), the staged app
+    env = flower_env(home, str(scratch))
     log_path = out / "flower.log"
     link_log = home / "superlink.log"
     superlink = run = None
@@ -181,7 +190,8 @@ def simulate(
         tell("submitting the run to Flower")
         with open(log_path, "w") as log:
             run = subprocess.Popen(
-                ["flwr", "run", str(app), "fedenc", "--run-config", str(run_config), "--stream"],
+                ["flwr", "run", str(staged_app(Path(app), scratch / "app")), "fedenc",
+                 "--run-config", str(run_config), "--stream"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + timeout if timeout else None
@@ -207,7 +217,7 @@ def simulate(
             for proc in (run, superlink):  # the flwr client first: it follows the SuperLink's run
                 if proc is not None and proc.poll() is None:  # an exited one's pid may be someone else's now
                     stop_tree(proc)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
     summary_path = out / "summary.json"
     if _stamp(summary_path) in (None, summary_before):  # this run wrote no summary
         if replaced is not None:

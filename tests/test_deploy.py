@@ -26,12 +26,28 @@ import deploy.certs
 import deploy.sites
 import deploy.superlink
 from deploy import DeployError
-from deploy.processes import free_port, stop_tree
+from deploy.processes import free_port, staged_app, stop_tree
 
 FEDENC = [sys.executable, "-m", "cli"]
 
 
 # ----------------------------------------------------------------------------- certs and keys
+
+
+def test_staged_app_holds_what_runs_and_nothing_flwr_would_walk(tmp_path):
+    """`flwr run` walks every file under the app folder: the staged copy keeps the top-level
+    files and the packages, and leaves out virtual environments, run folders, caches, links."""
+    app = tmp_path / "project"
+    for path, text in {"pyproject.toml": "[project]", "server/__init__.py": "", "server/app.py": "app = 1",
+                       "common/datasets/items.csv": "id", "common/__init__.py": "", "common/__pycache__/x.pyc": "",
+                       ".venv/lib/big.py": "", "runs/r1/metrics.jsonl": "{}", "tests/test_x.py": ""}.items():
+        (app / path).parent.mkdir(parents=True, exist_ok=True)
+        (app / path).write_text(text)
+    (app / "linked").symlink_to(app / "server")
+    staged = staged_app(app, tmp_path / "staged")
+    files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    assert files == ["common/__init__.py", "common/datasets/items.csv", "pyproject.toml", "server/__init__.py", "server/app.py"]
+    assert (staged / "server" / "app.py").read_text() == "app = 1"
 
 
 def test_certs_verify_for_loopback(tmp_path):

@@ -287,9 +287,11 @@ def test_fp16_cache_halves_the_states_and_keeps_the_scores(tiny_bert, movietweet
     cached = {m: as_batch(with_lower_states(m, rows).tensors, "cpu") for m in (exact, half)}
     assert cached[exact]["text"].dtype == torch.float32 and cached[half]["text"].dtype == torch.float16
     assert cached[half]["text"].nbytes * 2 == cached[exact]["text"].nbytes
+    uncached = make(tiny_bert, movietweetings[0].catalogue.texts, cache_lower_layers=False)
+    uncached.load_state_dict(exact.state_dict())
     with torch.no_grad():
-        reference = exact.score_all(full)
-        assert torch.equal(exact.score_all(cached[exact]), reference)
+        reference = uncached.score_all(full)
+        assert torch.equal(exact.score_all(full), reference) and torch.equal(exact.score_all(cached[exact]), reference)
         rounded = half.score_all(cached[half])
     assert not torch.equal(rounded, reference)  # the rounding is real ...
     torch.testing.assert_close(rounded, reference, rtol=0, atol=1e-2)  # ... and small next to scores of ~±8
