@@ -25,6 +25,7 @@ from common.files import atomic_write, atomic_write_json, atomic_write_text, def
 
 CHECKPOINT = "checkpoint"
 POINTER = "LATEST"  # inside checkpoint/: the name of the complete checkpoint folder
+BEST = "best.npz"  # inside a checkpoint: the best-validation round's state so far
 RUN_FILE = "run.json"  # the run token, kept by --resume
 FAILURE = "failure.json"  # why the run stopped, when it could not go on
 
@@ -48,6 +49,10 @@ class RunRecorder:
     elapsed_before: float = 0.0
     run_token: str = ""
     releases: list = field(default_factory=list)  # central DP's noised rounds (server/central_dp.py)
+    # the round chosen on validation so far (round 0, the untrained start, included) and its
+    # state: what adapter/ ships, so the model a user gets is the one whose test numbers are reported
+    best_round: int | None = None
+    best_state: dict = field(default_factory=dict)
 
     @classmethod
     def open(cls, out: str | Path, settings: Settings) -> RunRecorder:
@@ -64,6 +69,10 @@ class RunRecorder:
         saved = json.loads((folder / "state.json").read_text())
         rec.start_round, rec.sites, rec.elapsed_before = saved["round"], saved["sites"], saved["seconds"]
         rec.releases = [tuple(r) for r in saved.get("releases", [])]
+        rec.best_round = saved.get("best_round")
+        if (folder / BEST).exists():
+            with np.load(folder / BEST) as z:
+                rec.best_state = {k: z[k] for k in z.files}
         kept = []  # the lines up to the checkpoint; a crash may have left a later or a half line
         for line in (out / "metrics.jsonl").read_text().splitlines():
             try:
@@ -124,6 +133,9 @@ class RunRecorder:
                 line[record] = train[record]
         line["site_epsilon"] = {name: site.get("epsilon") for name, site in self.sites.items()}  # report.png's per-site curves
         self.history.append(line)
+        best = next((h for h in self.history if h["round"] == self.best_round), None)
+        if best is None or _finite_or_worst(line["valid/ndcg@10"]) > _finite_or_worst(best["valid/ndcg@10"]):
+            self.best_round, self.best_state = rnd, {k: np.array(v, copy=True) for k, v in state.items()}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(dumps(line) + "\n")
             f.flush()
@@ -141,10 +153,11 @@ class RunRecorder:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         os.chmod(tmp, default_mode(folder=True))
         _save_with(np.savez, tmp / "arrays.npz", **state)
+        _save_with(np.savez, tmp / BEST, **self.best_state)
         save_adapter(model, tmp / "adapter", self.settings.as_dict())
         seconds = time.time() - self.started + self.elapsed_before
         (tmp / "state.json").write_text(dumps({"round": rnd, "sites": self.sites, "seconds": seconds,
-                                               "releases": self.releases}))
+                                               "releases": self.releases, "best_round": self.best_round}))
         _fsync_tree(tmp)
         # A folder of this name can only be left by an attempt that crashed before its
         # pointer swap: the pointer names an earlier round, so this is never the live one.
@@ -165,13 +178,14 @@ class RunRecorder:
         return any(h["round"] > 0 and h.get("sites", 0) > 0 for h in self.history)
 
     def finish(self, model, state: dict, extra: dict | None = None) -> dict:
-        """Write ``adapter/`` (unless ``model`` is None: a baseline without a model) and, last,
-        ``summary.json`` (with ``extra`` keys added)."""
+        """Write ``adapter/`` (unless ``model`` is None: a baseline without a model) with the
+        state of the best-validation round (``state``, the last one, if no round was recorded)
+        and, last, ``summary.json`` (with ``extra`` keys added)."""
         from common.adapter import load_trainable_state, save_adapter, state_bytes
 
         adapter = self.out / "adapter"
         if model is not None:
-            load_trainable_state(model, state)
+            load_trainable_state(model, self.best_state if self.best_round is not None else state)
             tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=self.out))
             save_adapter(model, tmp / "adapter", self.settings.as_dict())
             _fsync_tree(tmp)
@@ -180,12 +194,11 @@ class RunRecorder:
             tmp.rmdir()
         else:
             shutil.rmtree(adapter, ignore_errors=True)
-        rounds = [h for h in self.history if h["round"] > 0] or self.history
-        best = max(rounds, key=lambda h: _finite_or_worst(h["valid/ndcg@10"]))
+        best = next(h for h in self.history if h["round"] == self.best_round) if self.best_round is not None else {}
         summary = {
             "final": self.history[-1],
             "best_validation": best,
-            "best_round": best["round"],
+            "best_round": self.best_round,
             "epsilon": self.epsilon(),
             "sites": self.sites,
             "rounds": [{"round": h["round"]} | h["participation"] | ({"evaluation": h["evaluation"]} if "evaluation" in h else {})

@@ -320,7 +320,7 @@ def card_markdown(card: dict) -> str:
         "|---|---|---|" + "---|" * len(RESULT_METRICS),
     ]
     for label, res, split in (("final, test", f, "test"), ("final, validation", f, "valid"),
-                              ("best-validation round, test", b, "test"),
+                              ("best-validation round, test (the model in `adapter/`)", b, "test"),
                               (f"cold-start test users ({f['cold'].get('users')}), final", f, "cold")):
         lines.append(f"| {label} | {res['round']} | {fmt(res['epsilon'])} | "
                      + " | ".join(fmt(res[split][k]) for k in RESULT_METRICS) + " |")

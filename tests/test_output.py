@@ -61,6 +61,36 @@ def test_metrics_and_summary_are_strict_json(recorder):
     assert dumps({"x": np.float32("nan"), "y": [np.inf]}) == '{"x": null, "y": [null]}'
 
 
+def _loaded_states(monkeypatch) -> list[dict]:
+    """The states the recorder loads into the model it saves as adapter/."""
+    loaded = []
+    monkeypatch.setattr(adapter, "load_trainable_state", lambda model, state: loaded.append(state))
+    return loaded
+
+
+def test_the_adapter_is_the_best_validation_round_round_0_included(recorder, monkeypatch):
+    """Model selection on validation picks what ships: here the untrained start (round 0)
+    beats both trained rounds, so adapter/ holds round 0's state, not the last round's."""
+    loaded = _loaded_states(monkeypatch)
+    for rnd, valid in enumerate([0.5, 0.3, 0.4]):
+        recorder.round_done(rnd, METRICS | {"valid/ndcg@10": valid}, {}, None, {"w": np.full(2, rnd, np.float32)})
+    summary = recorder.finish(object(), {"w": np.full(2, 2, np.float32)})
+    assert summary["best_round"] == 0 and summary["best_validation"]["valid/ndcg@10"] == 0.5
+    assert summary["final"]["round"] == 2
+    np.testing.assert_array_equal(loaded[-1]["w"], [0, 0])
+
+
+def test_the_best_round_survives_a_resume(recorder, monkeypatch):
+    for rnd, valid in enumerate([0.1, 0.5, 0.2]):
+        recorder.round_done(rnd, METRICS | {"valid/ndcg@10": valid}, {}, None, {"w": np.full(2, rnd, np.float32)})
+    resumed = RunRecorder.open(recorder.out, recorder.settings)
+    assert resumed.start_round == 2 and resumed.best_round == 1
+    loaded = _loaded_states(monkeypatch)
+    resumed.round_done(3, METRICS | {"valid/ndcg@10": 0.3}, {}, None, {"w": np.full(2, 3, np.float32)})
+    assert resumed.finish(object(), {"w": np.full(2, 3, np.float32)})["best_round"] == 1
+    np.testing.assert_array_equal(loaded[-1]["w"], [1, 1])
+
+
 def test_a_crash_before_the_checkpoint_swap_keeps_the_previous_one(recorder, monkeypatch):
     first, second = {"w": np.full(2, 1.0, np.float32)}, {"w": np.full(2, 2.0, np.float32)}
     recorder.round_done(0, METRICS, {}, None, first)

@@ -84,7 +84,8 @@ def model(run_dir):
 
 
 def test_api_reproduces_the_runs_test_ndcg(model, run_dir):
-    final = json.loads((run_dir / "summary.json").read_text())["final"]
+    """adapter/ is the best-validation round's model: the API scores what the summary reports."""
+    final = json.loads((run_dir / "summary.json").read_text())["best_validation"]
     again = model.evaluate()
     for key in ("test/ndcg@10", "valid/ndcg@10", "test/hr@10", "test/auc", "cold/ndcg@10"):
         assert abs(again[key] - final[key]) <= 1e-6, key
