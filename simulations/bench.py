@@ -123,6 +123,7 @@ class TreeMemory:
     def __init__(self, root: int | None = None, interval: float = 2.0):  # smaps: ~30 ms per GB-sized process
         """``root``: the process whose tree is measured (default: this one)."""
         self.peak = 0
+        self.at_peak: dict[str, int] = {}  # the largest processes at the peak, MB
         self._root = psutil.Process(root)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
@@ -135,12 +136,17 @@ class TreeMemory:
             except psutil.Error:
                 tree = []
             procs = {p.pid: p for p in tree + _orphans()}
+            parts = []
             for p in procs.values():
                 try:
-                    total += p.memory_full_info().pss
+                    pss = p.memory_full_info().pss
+                    parts.append((pss, _label(p)))
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                total += pss
+            if total > self.peak:
+                self.peak = total
+                self.at_peak = {name: round(pss / 2**20) for pss, name in sorted(parts, reverse=True)[:8]}
             self._stop.wait(interval)
 
     def __enter__(self):
@@ -150,6 +156,13 @@ class TreeMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def _label(p: psutil.Process) -> str:
+    """A process's name in the memory breakdown: the program and its pid."""
+    words = [Path(w).name for w in p.cmdline()[:4] if not w.startswith("-")] or [p.name()]
+    words = [w.strip() for w in words if not w.startswith("python")] or words
+    return f"{' '.join(words[: 2 if words[0] in ('flwr', 'fedenc') else 1])}[{p.pid}]"  # flwr run, fedenc simulate
 
 
 def _orphans() -> list[psutil.Process]:
@@ -347,20 +360,21 @@ def _overhead(config: dict, settings: Settings, out: Path, result: dict, progres
                "bare_loop_peak_pss_mb": bare_mem.peak / 2**20}
     progress(f"bare loop: {bare_seconds:.1f} s, NDCG@10 {bare_metrics['test/ndcg@10']:.4f}")
     timeout = None if time_left is None else max(1.0, time_left - bare_seconds)
-    sim_seconds, peak, summary = _simulate_command(config, out, timeout)
+    sim_seconds, mem, summary = _simulate_command(config, out, timeout)
     result |= {
         "simulate_seconds": sim_seconds,
         "framework_overhead_ratio": sim_seconds / bare_seconds,
-        "peak_pss_mb": peak / 2**20,
+        "peak_pss_mb": mem.peak / 2**20,
+        "peak_pss_by_process_mb": mem.at_peak,
         "simulate_ndcg@10": summary["final"]["ndcg@10"],
     }
     progress(f"simulate: {sim_seconds:.1f} s (x{result['framework_overhead_ratio']:.2f} the bare loop), "
              f"peak PSS {result['peak_pss_mb']:.0f} MB")
 
 
-def _simulate_command(config: dict, out: Path, timeout: float | None) -> tuple[float, int, dict]:
+def _simulate_command(config: dict, out: Path, timeout: float | None) -> tuple[float, TreeMemory, dict]:
     """``fedenc simulate`` as a user runs it, in a process of its own (not this one, which holds
-    torch and the bare loop's leftovers): seconds, peak PSS of its whole tree, summary."""
+    torch and the bare loop's leftovers): seconds, its whole tree's memory, summary."""
     config_file = out / "simulate.toml"
     config_file.write_text(tomli_w.dumps(config))
     cmd = [sys.executable, "-m", "cli", "simulate", "--out", str(out / "simulate"), "--overwrite", "--config", str(config_file)]
@@ -380,7 +394,7 @@ def _simulate_command(config: dict, out: Path, timeout: float | None) -> tuple[f
         from simulations.simulate import SimulationFailed
 
         raise SimulationFailed(f"fedenc simulate failed (exit {proc.returncode}); see {out / 'simulate.log'}")
-    return seconds, mem.peak, json.loads((out / "simulate" / "summary.json").read_text())
+    return seconds, mem, json.loads((out / "simulate" / "summary.json").read_text())
 
 
 def _scale(config: dict, out: Path, result: dict, site_counts: tuple[int, ...], progress, left) -> None:

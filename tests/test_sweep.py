@@ -192,5 +192,7 @@ def test_bench_writes_every_measurement(tiny_bert, tmp_path):
                 "eval_users_per_s", "max_sites"):
         assert saved[key] == pytest.approx(result[key]) and result[key] > 0, key
     assert result["bytes_ratio_fp16"] == pytest.approx(result["bytes_ratio"] / 2)
+    at_peak = " ".join(result["peak_pss_by_process_mb"])  # the user's command and Flower's runtime, measured apart
+    assert "fedenc simulate" in at_peak and "flwr-simulation" in at_peak
     assert result["max_sites"] == 4
     assert saved["parts"]["complete"] and saved["parts"]["done"] == ["steps", "eval", "overhead", "scale"]
