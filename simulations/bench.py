@@ -162,6 +162,7 @@ def _label(p: psutil.Process) -> str:
     """A process's name in the memory breakdown: the program and its pid."""
     words = [Path(w).name for w in p.cmdline()[:4] if not w.startswith("-")] or [p.name()]
     words = [w.strip() for w in words if not w.startswith("python")] or words
+    words = ["fedenc" if w == "cli" else w for w in words]  # `python -m cli` is the fedenc command
     return f"{' '.join(words[: 2 if words[0] in ('flwr', 'fedenc') else 1])}[{p.pid}]"  # flwr run, fedenc simulate
 
 
