@@ -166,8 +166,10 @@ def test_adapter_loads_with_peft(finished_run, tiny_bert):
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_bert), str(adapter))
     lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
     assert lora_b, "no LoRA weights in the saved adapter"
-    # B starts at zero: after two rounds of (noisy) training it must have moved
-    assert any(torch.count_nonzero(p) > 0 for p in lora_b.values())
+    # adapter/ is the best-validation round's model: B starts at zero and has moved unless
+    # validation chose round 0 (the untrained start), which a tiny DP run sometimes does
+    best_round = json.loads((finished_run / "summary.json").read_text())["best_round"]
+    assert any(torch.count_nonzero(p) > 0 for p in lora_b.values()) == (best_round > 0)
 
 
 def test_ledgers_written(finished_run):
