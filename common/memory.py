@@ -41,6 +41,15 @@ def release_freed_memory() -> bool:
 PASS_BYTES = 16 * 2**20
 
 
+def ffn_row_bytes(tokens: int, hidden: int) -> int:
+    """Bytes per row of a transformer layer's largest activation, its (T, 4H) fp32 FFN input.
+
+    >>> ffn_row_bytes(48, 384)
+    294912
+    """
+    return tokens * 4 * hidden * 4
+
+
 def rows_per_pass(row_bytes: int, device) -> int:
     """Rows per no-grad forward pass (encoding, scoring) whose largest activation takes
     ``row_bytes`` per row: on CPU as many as keep it under 16 MiB, so each batch reuses the

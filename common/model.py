@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import SplitEncoder, add_lora, find_layers, hidden_size, is_decoder_only, load_backbone
-from .memory import rows_per_pass
+from .memory import ffn_row_bytes, rows_per_pass
 from .settings import ModelSettings
 
 
@@ -201,7 +201,7 @@ class Recommender(nn.Module):
         if self.encoder.split == 0:
             return ids
         device = self.bank.device
-        batch_size = rows_per_pass(ids.shape[1] * 4 * self.bank.shape[1] * 4, device)  # (T, 4H) fp32 FFN activations
+        batch_size = rows_per_pass(ffn_row_bytes(ids.shape[1], self.bank.shape[1]), device)
         out = None  # filled in place: a list of batches then torch.cat would hold every state twice
         for i in range(0, len(ids), batch_size):
             states = self.encoder.lower(ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))

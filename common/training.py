@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .adapter import load_trainable_state, trainable_state
 from .examples import EvalRows
 from .ledger import PrivacyLedger
-from .memory import release_freed_memory, rows_per_pass
+from .memory import ffn_row_bytes, release_freed_memory, rows_per_pass
 from .privacy import BudgetExhausted, PrivacyError, PrivacySettings, TooFewUsers, calibrate_noise
 from .settings import TrainSettings
 
@@ -207,7 +207,7 @@ def _row_bytes(model, rows: EvalRows) -> int:
     if bank is None:
         return 2**20
     states = rows.dataset.tensors[0]
-    ffn = states.shape[1] * 4 * states.shape[2] * 4 if states.dim() == 3 else 0
+    ffn = ffn_row_bytes(states.shape[1], states.shape[2]) if states.dim() == 3 else 0
     return max(ffn, 3 * 4 * bank.shape[0])
 
 

@@ -102,19 +102,20 @@ def run_federation(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     config_file = need_file(run_config, "run config")
     staged = Path(tempfile.mkdtemp(prefix="fedenc-app-"))
-    cmd = ["flwr", "run", str(staged_app(PROJECT, staged)), connection, "--run-config", str(config_file), "--stream"]
     deadline = time.monotonic() + timeout
-    with open(log_path, "w") as log:
-        run = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            while run.poll() is None:
-                if time.monotonic() > deadline:
-                    raise DeployError(f"the run took longer than {timeout:.0f}s; see {log_path}")
-                time.sleep(0.5)
-        finally:
-            if run.poll() is None:
-                stop_tree(run)
-            shutil.rmtree(staged, ignore_errors=True)
+    run = None
+    try:
+        cmd = ["flwr", "run", str(staged_app(PROJECT, staged)), connection, "--run-config", str(config_file), "--stream"]
+        with open(log_path, "w") as log:
+            run = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while run.poll() is None:
+            if time.monotonic() > deadline:
+                raise DeployError(f"the run took longer than {timeout:.0f}s; see {log_path}")
+            time.sleep(0.5)
+    finally:  # the staged copy goes whatever happened, a failed start included
+        if run is not None and run.poll() is None:
+            stop_tree(run)
+        shutil.rmtree(staged, ignore_errors=True)
 
     def written(path: Path) -> bool:
         return path.exists() and path.stat().st_mtime_ns >= started

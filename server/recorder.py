@@ -133,7 +133,7 @@ class RunRecorder:
                 line[record] = train[record]
         line["site_epsilon"] = {name: site.get("epsilon") for name, site in self.sites.items()}  # report.png's per-site curves
         self.history.append(line)
-        best = next((h for h in self.history if h["round"] == self.best_round), None)
+        best = self.best_line()
         if best is None or _finite_or_worst(line["valid/ndcg@10"]) > _finite_or_worst(best["valid/ndcg@10"]):
             self.best_round, self.best_state = rnd, {k: np.array(v, copy=True) for k, v in state.items()}
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -143,6 +143,10 @@ class RunRecorder:
         if rnd > 0:  # round 0 is the starting point: nothing to resume from yet
             self._checkpoint(rnd, model, state)
         return line
+
+    def best_line(self) -> dict | None:
+        """The recorded line of the round chosen on validation so far (None before any)."""
+        return next((h for h in self.history if h["round"] == self.best_round), None)
 
     def _checkpoint(self, rnd: int, model, state: dict) -> None:
         from common.adapter import save_adapter  # torch: imported where a model is saved, not by `fedenc simulate`
@@ -194,7 +198,7 @@ class RunRecorder:
             tmp.rmdir()
         else:
             shutil.rmtree(adapter, ignore_errors=True)
-        best = next(h for h in self.history if h["round"] == self.best_round) if self.best_round is not None else {}
+        best = self.best_line() or {}
         summary = {
             "final": self.history[-1],
             "best_validation": best,
