@@ -75,7 +75,7 @@ class CentralEvaluator(HeldOutUsers):
         """``model``: score this model (e.g. one restored from a run folder) instead of one
         built here; either way the evaluator is its only user. ``on_phase(text)``: told as
         each slow step starts (the ServerApp's progress events)."""
-        on_phase = on_phase or (lambda _: None)
+        self._on_phase = on_phase = on_phase or (lambda _: None)
         on_phase("loading data")
         super().__init__(settings)
         if model is None:
@@ -87,8 +87,20 @@ class CentralEvaluator(HeldOutUsers):
         weight = self.model.prior_weight.weight.detach().cpu().numpy().copy()
         self._initial = trainable_state(self.model) | {"prior_weight.weight": weight}
         self.device = resolve_device(settings.train.device)
-        on_phase(f"encoding the {len(self.users)} evaluation users (validation and test)")
-        self.rows = {which: self._rows(which) for which in ("valid", "test")}
+        self._encoded: dict[str, EvalRows] | None = None
+
+    def encode(self) -> dict[str, EvalRows]:
+        """Each split's rows with their frozen lower-layer states, encoded on the first call (the
+        ServerApp has the sites count their items meanwhile) and kept."""
+        if self._encoded is None:
+            self._on_phase(f"encoding the {len(self.users)} evaluation users (validation and test)")
+            self._encoded = {which: self._rows(which) for which in ("valid", "test")}
+        return self._encoded
+
+    @property
+    def rows(self) -> dict[str, EvalRows]:
+        """:meth:`encode`'s rows."""
+        return self.encode()
 
     def _rows(self, which: str) -> EvalRows:
         m = self.settings.model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -107,17 +108,20 @@ def uninterrupted() -> Iterator[None]:
         raise Interrupted(held[0])
 
 
-def stop_tree(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """Stop a process we started and everything under it.
+def stop_tree(*procs: subprocess.Popen, grace: float = 15.0) -> None:
+    """Stop processes we started and everything under them, all at once (one grace period,
+    not one per tree: a SuperLink and the ``flwr run`` following it shut down side by side).
 
     Flower's SuperExec and simulation runtime start their own sessions, so a process
-    group is not enough: the tree is collected while its root is still alive.
+    group is not enough: each tree is collected while its root is still alive.
     """
-    try:
-        root = psutil.Process(proc.pid)
-        tree = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
+    tree = []
+    for proc in procs:
+        try:
+            root = psutil.Process(proc.pid)
+            tree += [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
@@ -126,7 +130,8 @@ def stop_tree(proc: subprocess.Popen, grace: float = 15.0) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     psutil.wait_procs(alive, timeout=5)
-    proc.wait()
+    for proc in procs:
+        proc.wait()
 
 
 def flower_env(home: Path, ray_tmp: str) -> dict:
@@ -198,8 +203,6 @@ def staged_app(app: Path, into: Path) -> Path:
 
         flwr_run_folder = staged_app(Path("."), Path(tempfile.mkdtemp()))
     """
-    import shutil
-
     into.mkdir(parents=True, exist_ok=True)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     for entry in Path(app).iterdir():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, MetricRecord
@@ -54,7 +55,10 @@ def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
         if prior is None:
             events.note("popularity prior: the sites release their item counts")
             query = ConfigRecord({"task": "popularity-prior"} | identity)
-            counts, reports, prior_round = collect_counts(grid, roster, query, len(catalogue), settings.server.round_timeout)
+            with ThreadPoolExecutor(1) as asking:  # the server encodes its evaluation rows while the sites count
+                asked = asking.submit(collect_counts, grid, roster, query, len(catalogue), settings.server.round_timeout)
+                evaluator.encode()
+                counts, reports, prior_round = asked.result()
             recorder.record_sites([r | {"stage": "prior"} for r in reports])
             prior = log_prior(counts)
             recorder.save_prior(prior)

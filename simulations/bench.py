@@ -82,13 +82,18 @@ def step_table(settings: Settings, batch_sizes, users: int = 256) -> dict:
     return table
 
 
-def bare_loop(settings: Settings) -> tuple[float, dict]:
+def bare_loop(settings: Settings, out: Path) -> tuple[float, dict]:
     """The same work as the Flower arm, without Flower: the sites' count release for the
-    popularity prior, then the same rounds, steps, unweighted averaging and central evaluation."""
+    popularity prior, then the same rounds, steps, unweighted averaging and central evaluation,
+    and the same outputs in ``out`` (metrics.jsonl, a checkpoint per round, adapter/, summary,
+    model card and plot)."""
     from common.prior import log_prior
+    from server.recorder import RunRecorder
+    from simulations.report import write_report
 
     start = time.perf_counter()
     evaluator = CentralEvaluator(settings)
+    recorder = RunRecorder.open(out, settings)
     host = SiteHost()  # as one ClientApp actor serves them; freed with the loop, before the Flower arm is measured
     sites = [host.open(settings, i, settings.num_sites) for i in range(settings.num_sites)]
     p = settings.privacy
@@ -98,20 +103,29 @@ def bare_loop(settings: Settings) -> tuple[float, dict]:
             path = Path(folder) / f"{site.name}.json"
             return PrivacyLedger.open(path, site.name, p.epsilon, p.delta_for(len(site.users)), p.accountant)
 
+        def done(rnd: int, state: dict, reports: list[dict]) -> dict:
+            recorder.record_sites(reports)
+            metrics = evaluator(state)
+            recorder.round_done(rnd, metrics, {"sites": len(reports)}, evaluator.model, state)
+            return metrics
+
         if settings.prior.share > 0:  # the count query the ServerApp sends first
             prior = log_prior(sum(site.release_counts(ledger(site), p) for site in sites))
+            recorder.save_prior(prior)
             evaluator.model.set_prior(prior)
             for site in sites:
                 site.set_prior(prior)
         state = evaluator.initial_state()
-        metrics = evaluator(state)
+        metrics = done(0, state, [])
         for rnd in range(1, settings.rounds + 1):
             updates = [site.train(state, ledger(site), p, planned_rounds=settings.rounds - rnd + 1)[0] for site in sites]
             state = {k: sum(u[k] for u in updates) / len(updates) for k in state}  # sites weigh 1, as in the strategy
             if settings.server.fraction_evaluate > 0 and not settings.private:  # sites evaluate only without DP
                 for site in sites:
                     site.evaluate(state)
-            metrics = evaluator(state)
+            metrics = done(rnd, state, [{"site": site.name, "epsilon": ledger(site).epsilon()} for site in sites])
+        recorder.finish(evaluator.model, state)
+    write_report(out)
     return time.perf_counter() - start, metrics
 
 
@@ -185,6 +199,7 @@ def eval_throughput(settings: Settings) -> float:
     evaluator = CentralEvaluator(settings)
     state = evaluator.initial_state()
     load_trainable_state(evaluator.model, state)
+    evaluator.encode()  # now, outside the timing
     start = time.perf_counter()
     evaluator(state)
     return 2 * len(evaluator.users) / (time.perf_counter() - start)  # valid + test
@@ -356,7 +371,7 @@ def _evaluation(settings: Settings, result: dict, progress, time_left: float | N
 def _overhead(config: dict, settings: Settings, out: Path, result: dict, progress, time_left: float | None) -> None:
     torch.set_num_threads(max(1, psutil.cpu_count() or 1))
     with _within(time_left), TreeMemory() as bare_mem:  # sampled as the Flower arm is: the same sampling cost
-        bare_seconds, bare_metrics = bare_loop(settings)
+        bare_seconds, bare_metrics = bare_loop(settings, out / "bare")
     result |= {"bare_loop_seconds": bare_seconds, "bare_loop_ndcg@10": bare_metrics["test/ndcg@10"],
                "bare_loop_peak_pss_mb": bare_mem.peak / 2**20}
     progress(f"bare loop: {bare_seconds:.1f} s, NDCG@10 {bare_metrics['test/ndcg@10']:.4f}")

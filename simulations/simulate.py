@@ -109,6 +109,7 @@ def simulate(
     timeout: float | None = None,
     app: str | Path = PROJECT,
     on_event: Callable[[dict], None] | None = None,
+    on_finished: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run one simulation with run-config ``config`` into ``out``; return its summary.
 
@@ -117,6 +118,8 @@ def simulate(
     (simulations/outdir.py). ``app``: the Flower app folder (tests pass one whose sites
     misbehave). ``on_progress(line)``: each round's ``metrics.jsonl`` line once it is written;
     ``on_event(event)``: each phase as it starts (common/progress.py), from the first second.
+    ``on_finished(summary)``: once, as soon as the ServerApp has written the summary, while
+    Flower and Ray shut down (the CLI writes the card and plot then, instead of after).
 
     Example::
 
@@ -135,7 +138,8 @@ def simulate(
     out.mkdir(parents=True, exist_ok=True)
     replaced = Replaced.move_aside(out) if overwrite and any(os.path.lexists(out / n) for n in RUN_FILES) else None
     (out / FAILURE).unlink(missing_ok=True)  # a reason left by an earlier attempt is not this run's
-    summary_before = _stamp(out / "summary.json")  # a resumed finished run keeps its summary until replaced
+    summary_path = out / "summary.json"
+    summary_before = _stamp(summary_path)  # a resumed finished run keeps its summary until replaced
 
     shown = {line["round"] for line in Follower(out / "metrics.jsonl")()} if resume else set()
     (out / EVENTS).unlink(missing_ok=True)  # the events of an earlier attempt are not this run's
@@ -196,29 +200,35 @@ def simulate(
             )
         deadline = time.monotonic() + timeout if timeout else None
         follow_events, follow_rounds = Follower(out / EVENTS), Follower(out / "metrics.jsonl")
+        finished = False
         while True:
-            try:
-                run.wait(timeout=POLL_SECONDS)
-            except subprocess.TimeoutExpired:
-                pass
+            # Both looked at before the progress files are read: a run writes its last round's
+            # line before its summary and both before it exits, so the reads below see them all.
+            exited = run.poll() is not None
+            now_finished = not finished and _stamp(summary_path) not in (None, summary_before)
             for event in follow_events():
                 if event.get("phase") == ROUND_RECORDED:  # in order: the round's line comes among the events
                     replaced = _new_rounds(follow_rounds, shown, replaced, on_progress)
                 elif on_event:
                     on_event(event)
             replaced = _new_rounds(follow_rounds, shown, replaced, on_progress)
-            if run.poll() is not None:
+            if now_finished and on_finished:  # while Flower winds down (Ray's shutdown: ~4 s)
+                on_finished(json.loads(summary_path.read_text()))
+            finished |= now_finished
+            if exited:
                 break
             if deadline and time.monotonic() > deadline:
                 stop_tree(run)
                 raise SimulationFailed(f"the run took longer than {timeout:.0f}s; see {log_path}")
+            try:
+                run.wait(timeout=POLL_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
     finally:
         with uninterrupted():  # a second Ctrl-C must not leave half the tree running
-            for proc in (run, superlink):  # the flwr client first: it follows the SuperLink's run
-                if proc is not None and proc.poll() is None:  # an exited one's pid may be someone else's now
-                    stop_tree(proc)
+            # an exited one's pid may be someone else's now
+            stop_tree(*(proc for proc in (run, superlink) if proc is not None and proc.poll() is None))
             shutil.rmtree(scratch, ignore_errors=True)
-    summary_path = out / "summary.json"
     if _stamp(summary_path) in (None, summary_before):  # this run wrote no summary
         if replaced is not None:
             replaced.restore()
