@@ -39,19 +39,20 @@ def simulate(
     overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
 ) -> None:
     """Run a federated simulation in the foreground; results go to --out."""
-    from simulations.report import write_report
     from simulations.simulate import simulate as run
 
-    written = {}
     with run_errors(), RunProgress(console) as shown:
         summary = run(run_config(config, set_), out, resume=resume, overwrite=overwrite, on_progress=shown.round,
-                      on_event=shown.event, on_finished=lambda _: written.update(write_report(out)))
+                      on_event=shown.event)
     best = summary["best_validation"]
     console.print(
         f"done in {summary['wall_seconds']:.0f}s: final NDCG@10 {summary['final']['ndcg@10']:.4f}, "
         f"best round {summary['best_round']} (NDCG@10 {best['ndcg@10']:.4f}), ε {summary['epsilon']:.3f}; results in {out}",
         soft_wrap=True,  # one line in a log, whatever its width
     )
+    from simulations.report import write_report
+
+    written = write_report(out)
     console.print(f"model card {written['card']}, run report {written['plot']}")
 
 

@@ -41,6 +41,10 @@ from simulations.outdir import RUN_FILES, Replaced, check_out_path, check_reuse,
 
 PROJECT = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml lives here
 POLL_SECONDS = 0.5  # how often the run folder's progress files are read
+STOP_GRACE = 15.0  # seconds Flower's processes get to stop on SIGTERM before SIGKILL
+# Once the summary is written nothing Flower still does is ours; its graceful stop (Ray's
+# shutdown) takes ~4 s, so it gets a second and is then killed (its temp folder is ours to remove).
+FINISHED_GRACE = 1.0
 
 
 class SimulationFailed(RuntimeError):
@@ -109,7 +113,6 @@ def simulate(
     timeout: float | None = None,
     app: str | Path = PROJECT,
     on_event: Callable[[dict], None] | None = None,
-    on_finished: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run one simulation with run-config ``config`` into ``out``; return its summary.
 
@@ -118,8 +121,6 @@ def simulate(
     (simulations/outdir.py). ``app``: the Flower app folder (tests pass one whose sites
     misbehave). ``on_progress(line)``: each round's ``metrics.jsonl`` line once it is written;
     ``on_event(event)``: each phase as it starts (common/progress.py), from the first second.
-    ``on_finished(summary)``: once, as soon as the ServerApp has written the summary, while
-    Flower and Ray shut down (the CLI writes the card and plot then, instead of after).
 
     Example::
 
@@ -177,6 +178,7 @@ def simulate(
     log_path = out / "flower.log"
     link_log = home / "superlink.log"
     superlink = run = None
+    finished = False  # the ServerApp wrote this run's summary
     try:
         superlink = subprocess.Popen(
             [
@@ -200,22 +202,18 @@ def simulate(
             )
         deadline = time.monotonic() + timeout if timeout else None
         follow_events, follow_rounds = Follower(out / EVENTS), Follower(out / "metrics.jsonl")
-        finished = False
         while True:
             # Both looked at before the progress files are read: a run writes its last round's
             # line before its summary and both before it exits, so the reads below see them all.
             exited = run.poll() is not None
-            now_finished = not finished and _stamp(summary_path) not in (None, summary_before)
+            finished = _stamp(summary_path) not in (None, summary_before)
             for event in follow_events():
                 if event.get("phase") == ROUND_RECORDED:  # in order: the round's line comes among the events
                     replaced = _new_rounds(follow_rounds, shown, replaced, on_progress)
                 elif on_event:
                     on_event(event)
             replaced = _new_rounds(follow_rounds, shown, replaced, on_progress)
-            if now_finished and on_finished:  # while Flower winds down (Ray's shutdown: ~4 s)
-                on_finished(json.loads(summary_path.read_text()))
-            finished |= now_finished
-            if exited:
+            if exited or finished:  # finished: Flower's own wind-down (Ray's shutdown, ~4 s) holds nothing of ours
                 break
             if deadline and time.monotonic() > deadline:
                 stop_tree(run)
@@ -227,7 +225,8 @@ def simulate(
     finally:
         with uninterrupted():  # a second Ctrl-C must not leave half the tree running
             # an exited one's pid may be someone else's now
-            stop_tree(*(proc for proc in (run, superlink) if proc is not None and proc.poll() is None))
+            stop_tree(*(proc for proc in (run, superlink) if proc is not None and proc.poll() is None),
+                      grace=FINISHED_GRACE if finished else STOP_GRACE)
             shutil.rmtree(scratch, ignore_errors=True)
     if _stamp(summary_path) in (None, summary_before):  # this run wrote no summary
         if replaced is not None:
