@@ -179,11 +179,20 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 
 
 def last_error(log_path: Path) -> str:
-    """The most telling line of a failed run's log."""
+    """The most telling line of a failed run's log: a site's exception, the Flower CLI's own
+    error box, else the last line naming an error.
+
+    Example::
+
+        last_error(Path("runs/demo/flower.log"))  # 'a site failed: ...'
+    """
     lines = log_path.read_text(errors="replace").splitlines()
     client = [ln.split("Message:", 1)[1].strip().rstrip("'>") for ln in lines if "ClientAppException occurred. Message:" in ln]
     if client and client[-1]:
         return "a site failed: " + client[-1][:300]
+    boxed = [i for i, ln in enumerate(lines) if "─ Error ─" in ln and i + 1 < len(lines)]  # `flwr run` refused the run
+    if boxed:
+        return "flwr run: " + lines[boxed[-1] + 1].strip(" │")[:300]
     for needle in ("RunFailed", "Error:", "Exception"):
         hits = [ln.strip() for ln in lines if needle in ln]
         if hits:

@@ -229,9 +229,10 @@ def simulate(
                       grace=FINISHED_GRACE if finished else STOP_GRACE)
             shutil.rmtree(scratch, ignore_errors=True)
     if _stamp(summary_path) in (None, summary_before):  # this run wrote no summary
+        why = _failure(out, log_path, run.returncode)  # read before the replaced run's files come back
         if replaced is not None:
             replaced.restore()
-        raise SimulationFailed(f"the run failed: {_failure(out, log_path, run.returncode)} (see {log_path})")
+        raise SimulationFailed(f"the run failed: {why} (see {log_path})")
     return json.loads(summary_path.read_text())
 
 

@@ -26,12 +26,23 @@ import deploy.certs
 import deploy.sites
 import deploy.superlink
 from deploy import DeployError
-from deploy.processes import free_port, staged_app, stop_tree
+from deploy.processes import free_port, last_error, staged_app, stop_tree
 
 FEDENC = [sys.executable, "-m", "cli"]
 
 
 # ----------------------------------------------------------------------------- certs and keys
+
+
+def test_last_error_names_what_flwr_run_refused(tmp_path):
+    """`flwr run` prints its own refusals in a box (seen: an unknown run-config key); the failure
+    message must carry that line, not "no error line found"."""
+    log = tmp_path / "flower.log"
+    log.write_text("Using SuperLink: fedenc (127.0.0.1:1)\n"
+                   "╭─ Error ──────────────────╮\n│ [code: 15] Invalid run configuration.    │\n╰──────────────────────────╯\n")
+    assert last_error(log) == "flwr run: [code: 15] Invalid run configuration."
+    log.write_text("INFO: round 1\nERROR: RunFailed: no site trained\n")
+    assert last_error(log) == "ERROR: RunFailed: no site trained"
 
 
 def test_staged_app_holds_what_runs_and_nothing_flwr_would_walk(tmp_path):

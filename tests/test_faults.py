@@ -318,3 +318,22 @@ def test_a_resumed_round_asks_the_same_sites(flower_identity):
 
     assert sampled(0, 4) == sampled(3, 1)
     assert len({tuple(sampled(0, r)) for r in range(1, 6)}) > 1  # and rounds still differ
+
+
+def test_a_refused_replacement_says_why_and_gives_the_old_run_back(tiny_bert, tmp_path):
+    """`flwr run` refuses a run config its app does not declare: the new run never starts, so
+    --overwrite puts the old run back, and the message carries Flower's reason (it was read
+    from the new run's log after that log had been removed with the new run's files)."""
+    from simulations.simulate import SimulationFailed, simulate
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"round": 0}\n')
+    app = tmp_path / "app"
+    app.mkdir()
+    text = (ROOT / "pyproject.toml").read_text()
+    assert "\nseed = " in text
+    (app / "pyproject.toml").write_text("\n".join(ln for ln in text.splitlines() if not ln.startswith("seed = ")))
+    with pytest.raises(SimulationFailed, match="Invalid run configuration"):
+        simulate({"model": tiny_bert, "num-sites": 2, "num-server-rounds": 1}, out, overwrite=True, app=app, timeout=300)
+    assert (out / "metrics.jsonl").read_text() == '{"round": 0}\n'
