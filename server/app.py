@@ -68,6 +68,7 @@ def federate(grid: Grid, settings: Settings, recorder: RunRecorder) -> None:
     if state is None:
         state = evaluator.initial_state()
         if settings.run.warm_start:
+            events.note(f"public warm start: {settings.run.warm_start_steps} steps on {settings.run.warm_start}")
             state.update(warm_start(settings))
     bound = settings.server.max_update_norm or derived_update_bound(
         settings.train.learning_rate, settings.train.local_steps, sum(v.size for v in state.values()))
