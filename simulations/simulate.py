@@ -5,9 +5,9 @@ failed and installs dependencies at run time. This driver instead starts its own
 SuperLink (simulation runtime, loopback, a free port, runtime installs off), keeps
 Flower's home and Ray's temp folder inside the run, follows the run's progress in its
 folder (``progress.jsonl``: phases and site steps, common/progress.py; ``metrics.jsonl``:
-finished rounds) rather than Flower's log, stops the SuperLink it started by process
-group, and exits non-zero unless the ServerApp wrote its summary — the last thing a
-successful run does.
+finished rounds) rather than Flower's log, stops the processes it started (and theirs) as
+soon as the ServerApp has written its summary — the last thing a successful run does —
+and exits non-zero unless it did.
 """
 
 from __future__ import annotations
