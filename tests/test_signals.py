@@ -4,7 +4,7 @@ process it started: the SuperLink, Flower's simulation runtime, Ray and its work
 These run in sessions of their own, so nothing but ``fedenc`` itself can stop them. The
 test starts a real simulation (tiny random model), waits until Ray's workers run, sends
 the signal to the ``fedenc`` process only, and checks that the whole tree it had is gone.
-About a minute per signal on two cores.
+About a minute per signal on two cores. A run that finishes must leave nothing behind either.
 """
 
 from __future__ import annotations
@@ -92,6 +92,44 @@ def test_signal_leaves_no_process_behind(sig, tiny_bert, tmp_path):
                     p.kill()
             except psutil.Error:
                 pass
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_a_finished_run_leaves_no_process_behind(tiny_bert, tmp_path):
+    """Once the summary is written, ``fedenc simulate`` gives Flower's tree a second and then
+    kills it rather than wait for Ray's graceful stop: nothing of that tree may outlive it."""
+    env = os.environ.copy()
+    env.update(FEDENC_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    cmd = [fedenc_script(), "simulate", "--config", str(TINY), "--set", f"model={tiny_bert}",
+           "--set", "num-server-rounds=1", "--out", str(tmp_path / "run")]
+    tree: dict[int, psutil.Process] = {}
+    seen: list[str] = []  # their command lines, read while they run
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        while proc.poll() is None:  # collected while they run: a dead parent's children are re-parented away
+            for p in descendants(proc):
+                if p.pid not in tree:
+                    tree[p.pid] = p
+                    seen.append(cmdline(p))
+            time.sleep(0.2)
+        assert proc.returncode == 0, (tmp_path / "stderr").read_text()[-3000:]
+        assert (tmp_path / "run" / "summary.json").exists()
+        names = " ".join(seen)
+        assert "flower-superlink" in names and "flwr-simulation" in names and "raylet" in names, names
+        _, alive = psutil.wait_procs(list(tree.values()), timeout=5)
+        assert not alive, f"{len(alive)} of {len(tree)} processes outlived fedenc: {[describe(p) for p in alive]}"
+    finally:  # whatever failed above, leave nothing running for the next test
+        for p in list(tree.values()):
+            try:
+                if p.is_running():
+                    p.kill()
+            except psutil.Error:
+                pass
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
 
 
