@@ -23,12 +23,33 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
 STARTUP = 300  # seconds until Ray's workers run, on two busy cores
-GRACE = 45  # seconds for fedenc to stop the tree and exit (its own grace is 15 s per tree, then kill)
+GRACE = 45  # seconds for fedenc to stop the tree and exit (its own grace is 15 s, then kill)
 
 
 def fedenc_script() -> str:
     beside = Path(sys.executable).parent / "fedenc"
     return str(beside) if beside.exists() else shutil.which("fedenc") or pytest.fail("the fedenc script is not installed")
+
+
+def simulate_env(tmp_path: Path) -> dict:
+    """The environment of a `fedenc simulate` under test: offline, its own cache, this venv's scripts."""
+    env = os.environ.copy()
+    env.update(FEDENC_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def kill_leftovers(tree: dict[int, psutil.Process], proc: subprocess.Popen) -> None:
+    """Whatever a test saw fail, leave nothing of ``proc``'s tree running for the next test."""
+    for p in tree.values():
+        try:
+            if p.is_running():  # compares start times too: a reused pid is not ours
+                p.kill()
+        except psutil.Error:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
 
 def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -52,9 +73,7 @@ def describe(p: psutil.Process) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_leaves_no_process_behind(sig, tiny_bert, tmp_path):
-    env = os.environ.copy()
-    env.update(FEDENC_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env = simulate_env(tmp_path)
     out = tmp_path / "run"
     cmd = [fedenc_script(), "simulate", "--config", str(TINY), "--set", f"model={tiny_bert}",
            "--set", "num-server-rounds=50", "--out", str(out)]  # far more rounds than the test waits for
@@ -82,26 +101,15 @@ def test_signal_leaves_no_process_behind(sig, tiny_bert, tmp_path):
 
         _, alive = psutil.wait_procs(list(tree.values()), timeout=5)
         assert not alive, f"{len(alive)} of {len(tree)} processes outlived fedenc: {[describe(p) for p in alive]}"
-    finally:  # whatever failed above, leave nothing running for the next test
-        leftovers = list(tree.values())
-        if proc.poll() is None:
-            leftovers.append(psutil.Process(proc.pid))
-        for p in leftovers:
-            try:
-                if p.is_running():  # compares start times too: a reused pid is not ours
-                    p.kill()
-            except psutil.Error:
-                pass
-        proc.wait()
+    finally:
+        kill_leftovers(tree, proc)
 
 
 @pytest.mark.slow
 def test_a_finished_run_leaves_no_process_behind(tiny_bert, tmp_path):
     """Once the summary is written, ``fedenc simulate`` gives Flower's tree a second and then
     kills it rather than wait for Ray's graceful stop: nothing of that tree may outlive it."""
-    env = os.environ.copy()
-    env.update(FEDENC_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env = simulate_env(tmp_path)
     cmd = [fedenc_script(), "simulate", "--config", str(TINY), "--set", f"model={tiny_bert}",
            "--set", "num-server-rounds=1", "--out", str(tmp_path / "run")]
     tree: dict[int, psutil.Process] = {}
@@ -121,16 +129,8 @@ def test_a_finished_run_leaves_no_process_behind(tiny_bert, tmp_path):
         assert "flower-superlink" in names and "flwr-simulation" in names and "raylet" in names, names
         _, alive = psutil.wait_procs(list(tree.values()), timeout=5)
         assert not alive, f"{len(alive)} of {len(tree)} processes outlived fedenc: {[describe(p) for p in alive]}"
-    finally:  # whatever failed above, leave nothing running for the next test
-        for p in list(tree.values()):
-            try:
-                if p.is_running():
-                    p.kill()
-            except psutil.Error:
-                pass
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    finally:
+        kill_leftovers(tree, proc)
 
 
 @pytest.mark.deploy
@@ -160,12 +160,4 @@ def test_deploy_superlink_stops_flower_on_sigterm(tmp_path):
         _, alive = psutil.wait_procs(list(tree.values()), timeout=5)
         assert not alive, f"outlived fedenc: {[describe(p) for p in alive]}"
     finally:
-        for p in tree.values():
-            try:
-                if p.is_running():
-                    p.kill()
-            except psutil.Error:
-                pass
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        kill_leftovers(tree, proc)
