@@ -6,7 +6,8 @@ side in one run on one machine.
    frozen-lower-layer cache off, so the speed-ups are measured, not assumed.
 2. Bytes a site sends per round / bytes of the full model's parameters (fp32, fp16).
 3. ``fedenc simulate`` wall time / a bare loop doing the same local training,
-   aggregation and evaluation in-process without Flower.
+   aggregation, evaluation and outputs in one process without Flower; each arm a fresh
+   interpreter, timed from its start to its exit (imports included).
 4. Peak memory (PSS of the whole process tree) of that simulation; full-ranking
    evaluation throughput.
 5. Scale: the largest number of virtual sites a simulation completes (tiny model,
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -82,7 +84,7 @@ def step_table(settings: Settings, batch_sizes, users: int = 256) -> dict:
     return table
 
 
-def bare_loop(settings: Settings, out: Path) -> tuple[float, dict]:
+def bare_loop(settings: Settings, out: Path) -> None:
     """The same work as the Flower arm, without Flower: the sites' count release for the
     popularity prior, then the same rounds, steps, unweighted averaging and central evaluation,
     and the same outputs in ``out`` (metrics.jsonl, a checkpoint per round, adapter/, summary,
@@ -91,10 +93,9 @@ def bare_loop(settings: Settings, out: Path) -> tuple[float, dict]:
     from server.recorder import RunRecorder
     from simulations.report import write_report
 
-    start = time.perf_counter()
     evaluator = CentralEvaluator(settings)
     recorder = RunRecorder.open(out, settings)
-    host = SiteHost()  # as one ClientApp actor serves them; freed with the loop, before the Flower arm is measured
+    host = SiteHost()  # as one ClientApp actor serves them
     sites = [host.open(settings, i, settings.num_sites) for i in range(settings.num_sites)]
     p = settings.privacy
     with tempfile.TemporaryDirectory() as folder:
@@ -103,11 +104,9 @@ def bare_loop(settings: Settings, out: Path) -> tuple[float, dict]:
             path = Path(folder) / f"{site.name}.json"
             return PrivacyLedger.open(path, site.name, p.epsilon, p.delta_for(len(site.users)), p.accountant)
 
-        def done(rnd: int, state: dict, reports: list[dict]) -> dict:
+        def done(rnd: int, state: dict, reports: list[dict]) -> None:
             recorder.record_sites(reports)
-            metrics = evaluator(state)
-            recorder.round_done(rnd, metrics, {"sites": len(reports)}, evaluator.model, state)
-            return metrics
+            recorder.round_done(rnd, evaluator(state), {"sites": len(reports)}, evaluator.model, state)
 
         if settings.prior.share > 0:  # the count query the ServerApp sends first
             prior = log_prior(sum(site.release_counts(ledger(site), p) for site in sites))
@@ -116,25 +115,34 @@ def bare_loop(settings: Settings, out: Path) -> tuple[float, dict]:
             for site in sites:
                 site.set_prior(prior)
         state = evaluator.initial_state()
-        metrics = done(0, state, [])
+        done(0, state, [])
         for rnd in range(1, settings.rounds + 1):
             updates = [site.train(state, ledger(site), p, planned_rounds=settings.rounds - rnd + 1)[0] for site in sites]
             state = {k: sum(u[k] for u in updates) / len(updates) for k in state}  # sites weigh 1, as in the strategy
             if settings.server.fraction_evaluate > 0 and not settings.private:  # sites evaluate only without DP
                 for site in sites:
                     site.evaluate(state)
-            metrics = done(rnd, state, [{"site": site.name, "epsilon": ledger(site).epsilon()} for site in sites])
+            done(rnd, state, [{"site": site.name, "epsilon": ledger(site).epsilon()} for site in sites])
         recorder.finish(evaluator.model, state)
     write_report(out)
-    return time.perf_counter() - start, metrics
 
 
 class TreeMemory:
     """Samples the summed memory of this process and its descendants (SuperLink, ServerApp,
     Ray workers), each process once, as PSS: shared pages (torch's libraries, Ray's object
-    store) are split between the processes that map them instead of counted in each."""
+    store) are split between the processes that map them instead of counted in each.
 
-    def __init__(self, root: int | None = None, interval: float = 2.0):  # smaps: ~30 ms per GB-sized process
+    A PSS read walks the process's page tables (~20 ms per GB-sized process) and, every 2 s
+    over a dozen processes, slowed the simulation it measured by 4% (223 vs 214 s, 3 runs
+    each; a one-process bare loop by nothing). So each sample reads only the RSS (a counter)
+    and re-reads a process's PSS when its RSS moved by more than :attr:`REREAD` since the
+    last read, or that read is older than :attr:`STALE` seconds (sharing changes as others
+    start or exit); the total is the sum of the latest PSS values."""
+
+    REREAD = 0.02  # of the RSS at the last read: growing processes are re-read every sample
+    STALE = 30.0  # seconds: a steady process's PSS still follows what others share with it
+
+    def __init__(self, root: int | None = None, interval: float = 2.0):
         """``root``: the process whose tree is measured (default: this one)."""
         self.peak = 0
         self.at_peak: dict[str, int] = {}  # the largest processes at the peak, MB
@@ -143,21 +151,26 @@ class TreeMemory:
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
 
     def _run(self, interval: float) -> None:
+        read: dict[int, tuple[int, int, float, str]] = {}  # pid -> RSS at the last PSS read, that PSS, when, label
         while not self._stop.is_set():
-            total = 0
             try:
                 tree = [self._root] + self._root.children(recursive=True)
             except psutil.Error:
                 tree = []
             procs = {p.pid: p for p in tree + _orphans()}
+            now = time.monotonic()
             parts = []
             for p in procs.values():
                 try:
-                    pss = p.memory_full_info().pss
-                    parts.append((pss, _label(p)))
+                    rss = p.memory_info().rss
+                    last = read.get(p.pid)
+                    if last is None or abs(rss - last[0]) > self.REREAD * last[0] or now - last[2] > self.STALE:
+                        last = read[p.pid] = (rss, p.memory_full_info().pss, now, _label(p))
+                    _, pss, _, label = last
+                    parts.append((pss, label))
                 except psutil.Error:
                     continue
-                total += pss
+            total = sum(pss for pss, _ in parts)
             if total > self.peak:
                 self.peak = total
                 self.at_peak = {name: round(pss / 2**20) for pss, name in sorted(parts, reverse=True)[:8]}
@@ -369,14 +382,18 @@ def _evaluation(settings: Settings, result: dict, progress, time_left: float | N
 
 
 def _overhead(config: dict, settings: Settings, out: Path, result: dict, progress, time_left: float | None) -> None:
-    torch.set_num_threads(max(1, psutil.cpu_count() or 1))
-    with _within(time_left), TreeMemory() as bare_mem:  # sampled as the Flower arm is: the same sampling cost
-        bare_seconds, bare_metrics = bare_loop(settings, out / "bare")
-    result |= {"bare_loop_seconds": bare_seconds, "bare_loop_ndcg@10": bare_metrics["test/ndcg@10"],
+    config_file = out / "simulate.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    bare = [sys.executable, "-c", "import sys; from simulations.bench import bare_command; bare_command(*sys.argv[1:])",
+            str(config_file), str(out / "bare")]
+    bare_seconds, bare_mem, bare_summary = _command("the bare loop", bare, out / "bare", time_left)
+    result |= {"bare_loop_seconds": bare_seconds, "bare_loop_ndcg@10": bare_summary["final"]["ndcg@10"],
                "bare_loop_peak_pss_mb": bare_mem.peak / 2**20}
-    progress(f"bare loop: {bare_seconds:.1f} s, NDCG@10 {bare_metrics['test/ndcg@10']:.4f}")
+    progress(f"bare loop: {bare_seconds:.1f} s, NDCG@10 {result['bare_loop_ndcg@10']:.4f}")
     timeout = None if time_left is None else max(1.0, time_left - bare_seconds)
-    sim_seconds, mem, summary = _simulate_command(config, out, timeout)
+    simulate = [sys.executable, "-m", "cli", "simulate", "--out", str(out / "simulate"), "--overwrite",
+                "--config", str(config_file)]
+    sim_seconds, mem, summary = _command("fedenc simulate", simulate, out / "simulate", timeout)
     result |= {
         "simulate_seconds": sim_seconds,
         "framework_overhead_ratio": sim_seconds / bare_seconds,
@@ -388,14 +405,19 @@ def _overhead(config: dict, settings: Settings, out: Path, result: dict, progres
              f"peak PSS {result['peak_pss_mb']:.0f} MB")
 
 
-def _simulate_command(config: dict, out: Path, timeout: float | None) -> tuple[float, TreeMemory, dict]:
-    """``fedenc simulate`` as a user runs it, in a process of its own (not this one, which holds
-    torch and the bare loop's leftovers): seconds, its whole tree's memory, summary."""
-    config_file = out / "simulate.toml"
-    config_file.write_text(tomli_w.dumps(config))
-    cmd = [sys.executable, "-m", "cli", "simulate", "--out", str(out / "simulate"), "--overwrite", "--config", str(config_file)]
+def bare_command(config_file: str, out: str) -> None:
+    """The bare arm's process (``python -c``): reads the same run config as ``fedenc simulate``
+    and runs :func:`bare_loop` into ``out``."""
+    settings = Settings.from_config(tomllib.loads(Path(config_file).read_text()))
+    bare_loop(settings, Path(out))
+
+
+def _command(name: str, cmd: list[str], out: Path, timeout: float | None) -> tuple[float, TreeMemory, dict]:
+    """One arm of the overhead part as a user runs it: a fresh interpreter of its own (not this
+    one, which holds torch and the earlier parts' leftovers), timed from its start to its
+    exit, imports included, with its whole tree's memory: seconds, memory, ``out``'s summary."""
     start = time.perf_counter()
-    with open(out / "simulate.log", "w") as log:
+    with open(out.with_suffix(".log"), "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
     try:
         with TreeMemory(proc.pid) as mem:
@@ -403,14 +425,14 @@ def _simulate_command(config: dict, out: Path, timeout: float | None) -> tuple[f
     except subprocess.TimeoutExpired:
         raise TimeLimit from None
     finally:
-        if proc.poll() is None:  # the time limit or a signal: the command stops its Flower tree on SIGTERM
+        if proc.poll() is None:  # the time limit or a signal: fedenc simulate stops its Flower tree on SIGTERM
             stop_tree(proc)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         from simulations.simulate import SimulationFailed
 
-        raise SimulationFailed(f"fedenc simulate failed (exit {proc.returncode}); see {out / 'simulate.log'}")
-    return seconds, mem, json.loads((out / "simulate" / "summary.json").read_text())
+        raise SimulationFailed(f"{name} failed (exit {proc.returncode}); see {out.with_suffix('.log')}")
+    return seconds, mem, json.loads((out / "summary.json").read_text())
 
 
 def _scale(config: dict, out: Path, result: dict, site_counts: tuple[int, ...], progress, left) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -25,6 +27,27 @@ def fake_steps(seconds: float = 0.0):
         return {str(b): row for b in batch_sizes} | {"parameters": {"adapter_update_bytes": 10, "model_parameter_bytes": 1000}}
 
     return step_table
+
+
+def test_tree_memory_follows_a_child_that_grows_and_counts_it_once(tmp_path):
+    """PSS is re-read only when a process's RSS moves: a child that allocates 200 MB after
+    the sampler has read it must still show in the peak (the sampler's first reads see it small)."""
+    go = tmp_path / "go"
+    grow = (f"import pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists(): time.sleep(0.02)\n"
+            "block = bytearray(200 * 2**20)\nprint('ready', flush=True)\ntime.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", grow], stdout=subprocess.PIPE, text=True)
+    try:
+        with bench_module.TreeMemory(interval=0.05) as mem:
+            time.sleep(0.5)
+            small = mem.peak
+            go.touch()
+            assert child.stdout.readline() == "ready\n"
+            time.sleep(0.5)
+        assert small > 0 and mem.peak - small >= 190 * 2**20, (small, mem.peak)
+        assert mem.peak < small + 260 * 2**20  # counted once, not once per sample
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_sigterm_during_a_part_leaves_the_finished_parts_and_says_where_it_stopped(tmp_path, monkeypatch):

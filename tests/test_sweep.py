@@ -195,4 +195,8 @@ def test_bench_writes_every_measurement(tiny_bert, tmp_path):
     at_peak = " ".join(result["peak_pss_by_process_mb"])  # the user's command and Flower's runtime, measured apart
     assert "fedenc simulate" in at_peak and "flwr-simulation" in at_peak
     assert result["max_sites"] == 4
+    # both arms ran as commands of their own and wrote a run's outputs
+    for arm in ("bare", "simulate"):
+        assert {"metrics.jsonl", "summary.json", "adapter"} <= {p.name for p in (tmp_path / arm).iterdir()}, arm
+    assert 0 <= result["bare_loop_ndcg@10"] <= 1 and "bare_loop_peak_pss_mb" in result
     assert saved["parts"]["complete"] and saved["parts"]["done"] == ["steps", "eval", "overhead", "scale"]
