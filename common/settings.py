@@ -152,7 +152,10 @@ class ModelSettings:
     max_tokens: int = setting("max-tokens", 48, "history text token budget (oldest items cut first)", minimum=8)
     # titles + genres fit comfortably
     item_tokens: int = setting("item-tokens", 32, "item text token budget for the catalogue bank", minimum=4)
-    max_history: int = setting("max-history", 20, "history items in text and behaviour pooling", minimum=1)
+    max_history: int = setting(
+        "max-history", 20, "history items in text and behaviour pooling (sequential: each user's training window)",
+        minimum=1,
+    )
     # decided the DP result in the prototype (20 -> 0.021, 8 -> 0.029)
     logit_scale: float = setting("logit-scale", 8.0, "softmax temperature inverse", minimum=1e-3)
     learn_logit_scale: bool = setting("learn-logit-scale", False, "learn the logit scale")
