@@ -407,7 +407,12 @@ def _overhead(config: dict, settings: Settings, out: Path, result: dict, progres
 
 def bare_command(config_file: str, out: str) -> None:
     """The bare arm's process (``python -c``): reads the same run config as ``fedenc simulate``
-    and runs :func:`bare_loop` into ``out``."""
+    and runs :func:`bare_loop` into ``out``.
+
+    Example::
+
+        bare_command("runs/bench/simulate.toml", "runs/bench/bare")   # then runs/bench/bare/summary.json
+    """
     settings = Settings.from_config(tomllib.loads(Path(config_file).read_text()))
     bare_loop(settings, Path(out))
 
