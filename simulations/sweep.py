@@ -9,8 +9,9 @@ cell resumes from its checkpoint. Reported utility: the TEST metrics of the roun
 the best VALIDATION NDCG@10 (model selection on validation only), mean and std over seeds.
 
 Which baselines run at which ε: ``popularity`` and ``zeroshot`` do not train (one cell);
-``centralized`` is the non-private pooled model (one cell per seed, ε = inf); ``local``
-trains under each ε of the sweep (a curve: federation must beat it at every ε).
+``centralized`` (the non-private pooled model) and the library references ``bpr``, ``als``
+and ``sasrec`` train without privacy (one cell per seed, ε = inf); ``local`` trains under
+each ε of the sweep (a curve: federation must beat it at every ε).
 """
 
 from __future__ import annotations
@@ -71,10 +72,14 @@ def parse_epsilons(text: str) -> list[float]:
 def plan(epsilons: list[float], seeds: int, baselines: list[str]) -> list[Cell]:
     cells = [Cell(b, math.inf, 0) for b in baselines if b in NO_TRAINING]  # cheap ones first
     cells += [Cell("federated", e, s) for e in epsilons for s in range(seeds)]
+    from simulations.library_baselines import LIBRARY_BASELINES, require
+
     for b in baselines:
         if b in NO_TRAINING:
             continue
-        elif b == "centralized":
+        elif b == "centralized" or b in LIBRARY_BASELINES:
+            if b in LIBRARY_BASELINES:
+                require(b)  # a missing optional extra fails before the first cell runs
             cells += [Cell(b, math.inf, s) for s in range(seeds)]
         elif b == "local":
             cells += [Cell(b, e, s) for e in epsilons for s in range(seeds)]
@@ -135,7 +140,8 @@ def table(cells: list[Cell], out: Path) -> list[dict]:
                 row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
         row["wall_seconds"] = float(np.sum([r["wall_seconds"] for r in runs]))
         rows.append(row)
-    order = {"federated": 0, "local": 1, "centralized": 2, "popularity": 3, "zeroshot": 4}
+    order = {"federated": 0, "local": 1, "centralized": 2, "sasrec": 3, "als": 4, "bpr": 5, "popularity": 6,
+             "zeroshot": 7}
     rows.sort(key=lambda r: (order.get(r["method"], 9), float(r["epsilon"])))
     return rows
 
@@ -174,7 +180,8 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
             xs, ys, es = zip(*pts, strict=True)
             ax.errorbar(xs, ys, yerr=es, fmt=style, color=color, capsize=3, label=label)
     lines = {"centralized": ("centralised, non-private", "C2", "-"), "popularity": ("most popular", "C3", ":"),
-             "zeroshot": ("zero-shot encoder", "C4", "-.")}
+             "zeroshot": ("zero-shot encoder", "C4", "-."), "sasrec": ("SASRec (Cornac), non-private", "C5", "--"),
+             "als": ("ALS (implicit), non-private", "C6", "--"), "bpr": ("BPR (implicit), non-private", "C7", "--")}
     for method, (label, color, style) in lines.items():
         for r in rows:
             if r["method"] == method and r["epsilon"] == "inf":

@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from cli.main import app
 from common.config import Settings
 from common.evaluation import CentralEvaluator
 from simulations.baselines import routed_ranks, run_baseline
-from simulations.sweep import COLUMNS, parse_epsilons
+from simulations.sweep import COLUMNS, Cell, parse_epsilons, plan
 
 L3, L4 = 1 / math.log2(3), 1 / math.log2(4)
 
@@ -143,6 +145,26 @@ def test_bad_baseline_and_epsilons(toy_config, tmp_path):
     assert parse_epsilons("inf,8, 1") == [1.0, 8.0, math.inf]
     result = CliRunner().invoke(app, ["sweep", "--epsilons", "0,8", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "ε must be > 0" in result.output
+
+
+def test_library_baselines_run_once_per_seed_without_privacy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "implicit", types.ModuleType("implicit"))  # the extra, as far as plan looks
+    cells = plan([1.0, 8.0], 2, ["popularity", "bpr", "local"])
+    assert [c for c in cells if c.method == "bpr"] == [Cell("bpr", math.inf, 0), Cell("bpr", math.inf, 1)]
+    assert len([c for c in cells if c.method == "local"]) == 4  # the private baseline still follows ε
+
+
+def test_sweep_without_the_library_extra_fails_before_any_cell(toy_config, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "implicit", None)  # import implicit now raises ImportError
+    args = ["sweep", "--epsilons", "8", "--baselines", "popularity,als", "--out", str(tmp_path / "s")]
+    for key in ("dataset", "data-path", "model", "num-sites", "partition", "partition-column"):
+        args += ["--set", f"{key}={toy_config[key]}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: baseline 'als' needs the 'implicit' package: pip install 'fedenc[baselines]'"
+    )
+    assert not any((tmp_path / "s").glob("*/summary.json"))  # not even the cheap popularity cell ran
 
 
 @pytest.mark.slow
