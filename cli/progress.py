@@ -15,16 +15,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 
-def round_line(progress: dict) -> str:
-    """One round's numbers, as every command that runs Flower prints them.
+def round_line(progress: dict, unit: str = "round") -> str:
+    """One round's numbers (a ``metrics.jsonl`` line), as every command that trains prints
+    them; a library baseline's line is an ``epoch`` and has no sites.
 
     >>> round_line({"round": 2, "sites": 5, "train_loss": None, "epsilon": 1.5, "ndcg@10": 0.05,
     ...             "hr@10": 0.1, "seconds": 61.2})
     'round   2  sites   5  loss –  ε 1.500  NDCG@10 0.0500  HR@10 0.1000  61s'
+    >>> round_line({"round": 45, "sites": 0, "train_loss": 6.7, "epsilon": 0.0, "ndcg@10": 0.0856,
+    ...             "hr@10": 0.165, "seconds": 1620.0}, unit="epoch")
+    'epoch  45  loss 6.7000  ε 0.000  NDCG@10 0.0856  HR@10 0.1650  1620s'
     """
     loss = progress.get("train_loss")  # None or NaN under DP: a site's training loss does not leave it
     shown = f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "–"
-    return (f"round {progress['round']:>3}  sites {progress['sites']:>3}  loss {shown}  "
+    sites = f"  sites {progress['sites']:>3}" if unit == "round" else ""
+    return (f"{unit} {progress['round']:>3}{sites}  loss {shown}  "
             f"ε {progress['epsilon']:.3f}  NDCG@10 {progress['ndcg@10']:.4f}  HR@10 {progress['hr@10']:.4f}  "
             f"{progress['seconds']:.0f}s")
 

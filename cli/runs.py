@@ -64,10 +64,14 @@ def baseline(
 ) -> None:
     """Run a baseline on the same split and evaluation as simulate; results go to --out."""
     from common.config import ConfigError
+    from common.progress import following
     from simulations.baselines import run_baseline
+    from simulations.library_baselines import LIBRARY_BASELINES
 
+    unit = "epoch" if name in LIBRARY_BASELINES else "round"
     try:
-        summary = run_baseline(name, run_config(config, set_), out)
+        with following(out / "metrics.jsonl", lambda line: console.print(round_line(line, unit), soft_wrap=True)):
+            summary = run_baseline(name, run_config(config, set_), out)
     except ConfigError as err:
         fail(str(err))
     best = summary["best_validation"]

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 EVENTS = "progress.jsonl"
@@ -106,3 +108,38 @@ class Follower:
             except json.JSONDecodeError:  # a line cut by a crash: the recorder drops it on resume
                 continue
         return out
+
+
+@contextmanager
+def following(path: str | Path, show: Callable[[dict], None], every: float = 1.0) -> Iterator[None]:
+    """Call ``show`` with each line this process's body adds to the JSON-lines file ``path``,
+    from a thread polling every ``every`` s, and with the last ones when the body ends: the
+    rounds (epochs) of a baseline that records them in this process, shown as they come.
+    Lines the file held before are not shown.
+
+    Example::
+
+        with following(out / "metrics.jsonl", lambda line: print(line["round"])):
+            run_baseline("sasrec", config, out)
+    """
+    follow = Follower(path)
+    follow()  # a previous run's lines: already there, not this run's
+    stop = threading.Event()
+
+    def show_new() -> None:
+        for line in follow():
+            show(line)
+
+    def poll() -> None:
+        while not stop.wait(every):
+            show_new()
+
+    thread = threading.Thread(target=poll, name=f"following {Path(path).name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()  # then the last lines are read here alone
+        show_new()
+

@@ -93,19 +93,26 @@ def plan(epsilons: list[float], seeds: int, baselines: list[str]) -> list[Cell]:
 def run_cell(cell: Cell, config: dict, out: Path, log: Callable[[str], None]) -> dict:
     """Run one cell into ``out`` (resuming a federated cell that has a checkpoint); progress
     lines name the cell by its folder (the ablation runs its arms as federated cells)."""
+    from simulations.library_baselines import LIBRARY_BASELINES
+
     cfg = dict(config) | {"epsilon": cell.epsilon, "seed": int(config.get("seed", 0)) + cell.seed}
+    unit = "epoch" if cell.method in LIBRARY_BASELINES else "round"
+
+    def show(p: dict) -> None:
+        log(f"  {out.name} {unit} {p['round']} NDCG@10 {p['ndcg@10']:.4f} ε {p['epsilon']:.2f}")
+
     if cell.method == "federated":
         from server.recorder import usable_checkpoint
         from simulations.outdir import holds_run
         from simulations.simulate import simulate
 
         resume = usable_checkpoint(out) is not None  # else a cell cut short before round 1 starts again
-        return simulate(cfg, out, resume=resume, overwrite=not resume and holds_run(out),
-                        on_progress=lambda p: log(
-                            f"  {out.name} round {p['round']} NDCG@10 {p['ndcg@10']:.4f} ε {p['epsilon']:.2f}"))
+        return simulate(cfg, out, resume=resume, overwrite=not resume and holds_run(out), on_progress=show)
+    from common.progress import following
     from simulations.baselines import run_baseline
 
-    return run_baseline(cell.method, cfg, out)
+    with following(out / "metrics.jsonl", show):  # a baseline trains in this process: its rounds as they come
+        return run_baseline(cell.method, cfg, out)
 
 
 def _cell_row(summary: dict) -> dict:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from cli.progress import RunProgress
-from common.progress import EVENTS, Follower, ProgressLog
+from common.progress import EVENTS, Follower, ProgressLog, following
 
 ROUND = {"round": 1, "sites": 2, "train_loss": None, "epsilon": 4.0, "ndcg@10": 0.05, "hr@10": 0.1, "seconds": 30.0}
 
@@ -81,3 +81,25 @@ def test_progress_file_is_valid_json_per_line(tmp_path):
     ProgressLog(tmp_path, "server").note("central evaluation", round=0)
     (line,) = (tmp_path / EVENTS).read_text().splitlines()
     assert json.loads(line)["round"] == 0
+
+
+def test_following_shows_the_bodys_lines_as_they_come_and_the_last_at_the_end(tmp_path):
+    import time
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 9}\n')  # a previous run's line: not this run's
+    shown: list[tuple[int, float]] = []
+    started = time.monotonic()
+    with following(path, lambda line: shown.append((line["round"], time.monotonic() - started)), every=0.05):
+        fresh = tmp_path / "metrics.jsonl.tmp"
+        fresh.write_text('{"round": 0}\n')
+        os.replace(fresh, path)  # the run starts its file afresh, as RunRecorder does
+        deadline = time.monotonic() + 5
+        while not shown and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen_during = [r for r, _ in shown]
+        with open(path, "a") as f:
+            f.write('{"round": 1}\n')  # written just before the body ends: only the last read sees it
+    assert seen_during == [0]  # shown while the body still ran
+    assert [r for r, _ in shown] == [0, 1]
+

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 import types
 
@@ -145,6 +146,17 @@ def test_bad_baseline_and_epsilons(toy_config, tmp_path):
     assert parse_epsilons("inf,8, 1") == [1.0, 8.0, math.inf]
     result = CliRunner().invoke(app, ["sweep", "--epsilons", "0,8", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "ε must be > 0" in result.output
+
+
+def test_baseline_command_shows_each_round_then_the_result(toy_config, tmp_path):
+    args = ["baseline", "centralized", "--out", str(tmp_path / "c")]
+    for key, value in toy_config.items():
+        args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rounds = [(m.group(1), m.start()) for m in re.finditer(r"round +(\d+)  sites", result.output)]
+    assert [r for r, _ in rounds] == ["0", "1", "2"]
+    assert result.output.index("centralized: NDCG@10") > rounds[-1][1]  # the result comes after the rounds
 
 
 def test_library_baselines_run_once_per_seed_without_privacy(monkeypatch):
