@@ -142,4 +142,3 @@ def following(path: str | Path, show: Callable[[dict], None], every: float = 1.0
         stop.set()
         thread.join()  # then the last lines are read here alone
         show_new()
-

@@ -70,15 +70,15 @@ def parse_epsilons(text: str) -> list[float]:
 
 
 def plan(epsilons: list[float], seeds: int, baselines: list[str]) -> list[Cell]:
-    cells = [Cell(b, math.inf, 0) for b in baselines if b in NO_TRAINING]  # cheap ones first
-    cells += [Cell("federated", e, s) for e in epsilons for s in range(seeds)]
     from simulations.library_baselines import LIBRARY_BASELINES, require
 
+    cells = [Cell(b, math.inf, 0) for b in baselines if b in NO_TRAINING]  # cheap ones first
+    cells += [Cell("federated", e, s) for e in epsilons for s in range(seeds)]
     for b in baselines:
         if b in NO_TRAINING:
             continue
-        elif b == "centralized" or b in LIBRARY_BASELINES:
-            if b in LIBRARY_BASELINES:
+        elif b in ("centralized", *LIBRARY_BASELINES):
+            if b != "centralized":
                 require(b)  # a missing optional extra fails before the first cell runs
             cells += [Cell(b, math.inf, s) for s in range(seeds)]
         elif b == "local":
