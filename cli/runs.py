@@ -66,9 +66,9 @@ def baseline(
     from common.config import ConfigError
     from common.progress import following
     from simulations.baselines import run_baseline
-    from simulations.library_baselines import LIBRARY_BASELINES
+    from simulations.library_baselines import progress_unit
 
-    unit = "epoch" if name in LIBRARY_BASELINES else "round"
+    unit = progress_unit(name)
     try:
         with following(out / "metrics.jsonl", lambda line: console.print(round_line(line, unit), soft_wrap=True)):
             summary = run_baseline(name, run_config(config, set_), out)

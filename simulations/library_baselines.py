@@ -40,6 +40,15 @@ LIBRARY_BASELINES = {
 }
 
 
+def progress_unit(method: str) -> str:
+    """What one ``metrics.jsonl`` line of ``method`` is: an ``epoch`` of a library model, else a ``round``.
+
+    >>> progress_unit("sasrec"), progress_unit("centralized")
+    ('epoch', 'round')
+    """
+    return "epoch" if method in LIBRARY_BASELINES else "round"
+
+
 def require(name: str):
     """The library module baseline ``name`` needs, or a ConfigError naming the extra to install."""
     module = LIBRARY_BASELINES[name][0]

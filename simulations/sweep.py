@@ -93,10 +93,10 @@ def plan(epsilons: list[float], seeds: int, baselines: list[str]) -> list[Cell]:
 def run_cell(cell: Cell, config: dict, out: Path, log: Callable[[str], None]) -> dict:
     """Run one cell into ``out`` (resuming a federated cell that has a checkpoint); progress
     lines name the cell by its folder (the ablation runs its arms as federated cells)."""
-    from simulations.library_baselines import LIBRARY_BASELINES
+    from simulations.library_baselines import progress_unit
 
     cfg = dict(config) | {"epsilon": cell.epsilon, "seed": int(config.get("seed", 0)) + cell.seed}
-    unit = "epoch" if cell.method in LIBRARY_BASELINES else "round"
+    unit = progress_unit(cell.method)
 
     def show(p: dict) -> None:
         log(f"  {out.name} {unit} {p['round']} NDCG@10 {p['ndcg@10']:.4f} ε {p['epsilon']:.2f}")
