@@ -165,6 +165,21 @@ def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...] = COLUMNS) 
     atomic_write(path, write)
 
 
+def y_limits(rows: list[dict], pad: float = 0.06) -> tuple[float, float]:
+    """NDCG@10 range that shows every curve's error bars and every baseline line with room
+    to spare: matplotlib leaves no margin above a horizontal line, so the best baseline would
+    otherwise sit on the frame.
+
+    >>> y_limits([{"ndcg@10": 0.02, "ndcg@10_std": 0.0}, {"ndcg@10": 0.08, "ndcg@10_std": 0.0}])
+    (0.0164, 0.0836)
+    """
+    values = [r["ndcg@10"] + sign * r.get("ndcg@10_std", 0.0) for r in rows for sign in (-1, 1)]
+    values = [v for v in values if math.isfinite(v)] or [0.0, 1.0]  # a cell without the metric draws nothing
+    lo, hi = min(values), max(values)
+    margin = pad * (hi - lo) or 0.01
+    return round(lo - margin, 6), round(hi + margin, 6)
+
+
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
     """NDCG@10 against ε (log axis, inf at a labelled right-most position), error bars over
     seeds, baselines that do not depend on ε as horizontal lines."""
@@ -193,6 +208,7 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
         for r in rows:
             if r["method"] == method and r["epsilon"] == "inf":
                 ax.axhline(r["ndcg@10"], color=color, linestyle=style, label=f"{label} ({r['ndcg@10']:.4f})")
+    ax.set_ylim(*y_limits(rows))
     ax.set_xscale("log")
     ticks = finite + [inf_x]
     ax.set_xticks(ticks)

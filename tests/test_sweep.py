@@ -19,7 +19,7 @@ from cli.main import app
 from common.config import Settings
 from common.evaluation import CentralEvaluator
 from simulations.baselines import routed_ranks, run_baseline
-from simulations.sweep import COLUMNS, Cell, parse_epsilons, plan
+from simulations.sweep import COLUMNS, Cell, parse_epsilons, plan, y_limits
 
 L3, L4 = 1 / math.log2(3), 1 / math.log2(4)
 
@@ -234,3 +234,16 @@ def test_bench_writes_every_measurement(tiny_bert, tmp_path):
         assert {"metrics.jsonl", "summary.json", "adapter"} <= {p.name for p in (tmp_path / arm).iterdir()}, arm
     assert 0 <= result["bare_loop_ndcg@10"] <= 1 and "bare_loop_peak_pss_mb" in result
     assert saved["parts"]["complete"] and saved["parts"]["done"] == ["steps", "eval", "overhead", "scale"]
+
+
+def test_plot_range_leaves_room_around_the_best_baseline_and_the_error_bars():
+    """matplotlib puts no margin above a horizontal line: the best baseline (here SASRec,
+    above every curve) sat on the frame of docs/privacy_utility_*.png."""
+    rows = [{"method": "federated", "epsilon": "8", "ndcg@10": 0.060, "ndcg@10_std": 0.004},
+            {"method": "sasrec", "epsilon": "inf", "ndcg@10": 0.089, "ndcg@10_std": 0.003},
+            {"method": "zeroshot", "epsilon": "inf", "ndcg@10": 0.028, "ndcg@10_std": 0.0},
+            {"method": "bpr", "epsilon": "inf", "ndcg@10": math.nan, "ndcg@10_std": math.nan}]
+    lo, hi = y_limits(rows)
+    span = hi - lo
+    assert hi - (0.089 + 0.003) > 0.03 * span and 0.028 - lo > 0.03 * span
+    assert hi - lo < 0.2 and math.isfinite(lo) and math.isfinite(hi)
